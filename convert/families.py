@@ -1,0 +1,65 @@
+"""The MiniCPM-V families we convert, as data: how to recognise each from config.json and what differs
+between them (the language-model architecture, the clip.cpp projector version, the tokenizer's
+pre-tokenizer). The per-architecture details of the language model live in `llm_archs`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConversionError
+from .llm_archs import LLM_ARCHS, LlmArch
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str
+    title: str
+    architecture: str  # config.json "architectures"[0]
+    version: str  # config.json "version", as a string
+    llm: LlmArch
+    tokenizer_pre: str  # tokenizer.ggml.pre: llama.cpp's pre-tokenizer regex set, named per family, not hashed
+    minicpmv_version: int  # clip.minicpmv_version: selects clip.cpp's preprocessing and query count defaults
+    # Prefixes of published tensors that are not part of a vision+text model (MiniCPM-o's audio and TTS).
+    skip_prefixes: tuple[str, ...] = ()
+
+    @property
+    def scales_image_embeddings(self) -> bool:
+        """llama.cpp's minicpm arch multiplies every input embedding by scale_emb, image embeddings included,
+        where the HF model scales only text: the projector must be divided by it."""
+        return self.llm.gguf_arch == "minicpm"
+
+
+_OMNI_SKIP = ("apm.", "tts.", "audio_projection_layer.", "audio_avg_pooler.")
+
+FAMILIES: tuple[Family, ...] = (
+    Family("minicpm-llama3-v-2.5", "MiniCPM-Llama3-V 2.5", "MiniCPMV", "2.5", LLM_ARCHS["llama"], "llama-bpe", 2),
+    Family("minicpm-v-2.6", "MiniCPM-V 2.6", "MiniCPMV", "2.6", LLM_ARCHS["qwen2"], "qwen2", 3),
+    Family("minicpm-o-2.6", "MiniCPM-o 2.6", "MiniCPMO", "2.6", LLM_ARCHS["qwen2"], "qwen2", 4, _OMNI_SKIP),
+    Family("minicpm-v-4.0", "MiniCPM-V 4.0", "MiniCPMV", "4.0", LLM_ARCHS["minicpm"], "default", 5),
+    Family("minicpm-v-4.5", "MiniCPM-V 4.5", "MiniCPMV", "4.5", LLM_ARCHS["qwen3"], "qwen2", 6),
+    Family("minicpm-o-4.5", "MiniCPM-o 4.5", "MiniCPMO", "4.5", LLM_ARCHS["qwen3"], "qwen2", 100045, _OMNI_SKIP),
+)
+
+
+def _version_string(value: Any) -> str:
+    try:
+        return f"{float(value):.1f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def supported_list() -> str:
+    return "; ".join(f"{f.title} ({f.architecture}, version {f.version})" for f in FAMILIES)
+
+
+def detect_family(config: dict[str, Any]) -> Family:
+    """The family of a checkpoint from its config.json `architectures` and `version`."""
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else config.get("model_type", "?")
+    version = _version_string(config.get("version"))
+    for family in FAMILIES:
+        if family.architecture == architecture and family.version == version:
+            return family
+    raise ConversionError(f"unsupported model: architecture {architecture}, version {version}. "
+                          f"Supported: {supported_list()}")

@@ -1,0 +1,107 @@
+"""Streaming GGUF output: the whole plan (metadata, tensor names, shapes, types) is known before any weight
+is read, so the header is written first and tensors follow one row block at a time. Files are written
+under a temporary name and renamed only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from gguf import GGUFWriter
+from gguf import GGMLQuantizationType as T
+
+from .errors import ConversionError
+from .ggml_quant import quantize, row_nbytes
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order: rows first, values of a row last
+    qtype: T
+    blocks: Callable[[], Iterator[np.ndarray]]  # float32 row blocks that together make the tensor
+
+    @property
+    def nbytes(self) -> int:
+        n_rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        return n_rows * row_nbytes(self.qtype, self.shape[-1])
+
+
+@dataclass
+class GgufPlan:
+    arch: str
+    metadata: Callable[[GGUFWriter], None]
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class _StreamedTensor:
+    """Quacks like the ndarray GGUFWriter.write_tensor_data expects, but produces its bytes block by block."""
+
+    def __init__(self, tensor: PlannedTensor, n_threads: int, on_block: Callable[[int], None]):
+        self.tensor, self.n_threads, self.on_block = tensor, n_threads, on_block
+        self.nbytes = tensor.nbytes
+
+    def tofile(self, fout) -> None:  # noqa: ANN001 - a binary file object
+        written = 0
+        for block in self.tensor.blocks():
+            out = quantize(block.reshape(-1, self.tensor.shape[-1]), self.tensor.qtype, self.n_threads)
+            if self.tensor.qtype != T.F32 and out.dtype != np.uint8:
+                raise AssertionError("quantizer returned floats for a quantized type")
+            out.tofile(fout)
+            written += out.nbytes
+            self.on_block(block.size)
+        if written != self.nbytes:
+            raise ConversionError(f"{self.tensor.name}: wrote {written} bytes, planned {self.nbytes}")
+
+
+def _tensor_info(writer: GGUFWriter, tensor: PlannedTensor) -> None:
+    if tensor.qtype == T.F32:
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes)
+        return
+    byte_shape = (*tensor.shape[:-1], row_nbytes(tensor.qtype, tensor.shape[-1]))
+    writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), tensor.nbytes, raw_dtype=tensor.qtype)
+
+
+def temporary_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ConversionError(f"not enough disk space in {folder}: {needed / 2**30:.2f} GiB needed, "
+                              f"{free / 2**30:.2f} GiB free")
+
+
+def write_gguf(plan: GgufPlan, partial: Path, n_threads: int, on_block: Callable[[int], None]) -> None:
+    """Write `plan` to `partial` (a temporary name the caller renames); on any failure it is removed."""
+    writer = GGUFWriter(partial, plan.arch)
+    try:
+        plan.metadata(writer)
+        for tensor in plan.tensors:
+            _tensor_info(writer, tensor)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in plan.tensors:
+            writer.write_tensor_data(_StreamedTensor(tensor, n_threads, on_block))  # type: ignore[arg-type]
+        for fout in writer.fout or []:
+            fout.flush()
+            os.fsync(fout.fileno())
+        writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def value_count(tensors: Sequence[PlannedTensor]) -> int:
+    return sum(int(np.prod(t.shape)) for t in tensors)

@@ -1,0 +1,95 @@
+"""Plan of the language-model GGUF: metadata, tokenizer, and the `llm.*` tensors under llama.cpp's names."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+from gguf import GGUFWriter
+
+from .checkpoint import Checkpoint
+from .errors import ConversionError
+from .families import Family
+from .gguf_out import GgufPlan, PlannedTensor
+from .llm_archs import permute_rotary, require, write_common_metadata
+from .presets import Preset, llm_tensor_types
+from .vocab import write_vocab
+
+LLM_PREFIX = "llm."
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _arch_enum(name: str) -> gguf.MODEL_ARCH:
+    return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
+
+
+def _transform(family: Family, config: dict, gguf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    if not family.llm.permute_qk:
+        return None
+    if gguf_name.endswith("attn_q.weight"):
+        n_head = int(config["num_attention_heads"])
+        return lambda w: permute_rotary(w, n_head)
+    if gguf_name.endswith("attn_k.weight"):
+        n_head_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        return lambda w: permute_rotary(w, n_head_kv)
+    return None
+
+
+def _source(checkpoint: Checkpoint, hf_name: str,
+            transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[], Iterator[np.ndarray]]:
+    if transform is None:
+        return lambda: checkpoint.row_blocks(hf_name)
+    return lambda: iter([transform(checkpoint.read(hf_name))])
+
+
+def _constant(values: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: iter([values])
+
+
+def _file_order(name: str) -> tuple[int, str]:
+    """Layers in order (llama-quantize's per-layer counters depend on it), global tensors around them."""
+    match = _LAYER.match(name)
+    if match:
+        return int(match.group(1)) + 1, name
+    return (0 if name.startswith(("token_embd", "rope_")) else 1 << 30), name
+
+
+def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan:
+    config = checkpoint.config
+    n_layer = int(require(config, "num_hidden_layers"))
+    n_vocab = int(require(config, "vocab_size"))
+    name_map = gguf.get_tensor_name_map(_arch_enum(family.llm.gguf_arch), n_layer)
+
+    named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
+    for hf_name, ref in checkpoint.tensors.items():
+        if not hf_name.startswith(LLM_PREFIX) or hf_name.endswith(_IGNORED_SUFFIXES):
+            continue
+        inner = hf_name[len(LLM_PREFIX):]
+        gguf_name = name_map.get_name(inner, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {family.llm.gguf_arch} model")
+        source = _source(checkpoint, hf_name, _transform(family, config, gguf_name))
+        named.append((gguf_name, ref.shape, source))
+    for gguf_name, values in family.llm.extra_tensors(config).items():
+        named.append((gguf_name, values.shape, _constant(values)))
+    if not any(name == "token_embd.weight" for name, _, _ in named):
+        raise ConversionError("the checkpoint has no llm.model.embed_tokens.weight")
+    named.sort(key=lambda item: _file_order(item[0]))
+
+    types = llm_tensor_types([(name, shape) for name, shape, _ in named], preset, n_layer)
+    tensors = [PlannedTensor(name, tuple(shape), types[name], source) for name, shape, source in named]
+
+    def metadata(writer: GGUFWriter) -> None:
+        writer.add_name(family.title)
+        write_common_metadata(writer, config)
+        family.llm.extra_metadata(writer, config)
+        writer.add_vocab_size(n_vocab)
+        writer.add_file_type(preset.llm_ftype)
+        if preset.llm_is_quantized:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_vocab(writer, checkpoint.folder, family.tokenizer_pre, n_vocab)
+
+    return GgufPlan(family.llm.gguf_arch, metadata, tensors)

@@ -1,0 +1,100 @@
+"""The language-model architectures inside MiniCPM-V checkpoints, as llama.cpp names and reads them.
+
+Each entry says which GGUF architecture the text model becomes, whether its q/k rows must be permuted
+from Hugging Face's rotate-half layout to llama.cpp's interleaved rope, and which extra metadata the
+architecture's loader reads (llama.cpp's llama-model.cpp / convert_hf_to_gguf.py are the reference)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGUFWriter
+
+from .errors import ConversionError
+
+
+def require(config: dict[str, Any], key: str) -> Any:
+    if key not in config:
+        raise ConversionError(f"config.json lacks the key {key!r}")
+    return config[key]
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or require(config, "hidden_size") // require(config, "num_attention_heads"))
+
+
+def _minicpm_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    n_layer = require(config, "num_hidden_layers")
+    writer.add_embedding_scale(float(require(config, "scale_emb")))
+    writer.add_residual_scale(float(require(config, "scale_depth")) / math.sqrt(n_layer))
+    writer.add_logit_scale(require(config, "hidden_size") / require(config, "dim_model_base"))
+
+
+def _llama_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    writer.add_rope_dimension_count(head_dim(config))
+
+
+def _rope_factor_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """LongRoPE's per-dimension factors, which llama.cpp takes as tensors (MiniCPM4)."""
+    scaling = config.get("rope_scaling") or {}
+    long_factor, short_factor = scaling.get("long_factor"), scaling.get("short_factor")
+    if not (long_factor or short_factor):
+        return {}
+    n_pairs = head_dim(config) // 2
+    if not (long_factor and short_factor) or len(long_factor) != n_pairs or len(short_factor) != n_pairs:
+        raise ConversionError("rope_scaling needs long_factor and short_factor of head_dim/2 values each")
+    return {
+        "rope_factors_long.weight": np.asarray(long_factor, dtype=np.float32),
+        "rope_factors_short.weight": np.asarray(short_factor, dtype=np.float32),
+    }
+
+
+def _no_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    return None
+
+
+def _no_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {}
+
+
+@dataclass(frozen=True)
+class LlmArch:
+    gguf_arch: str
+    # HF stores q/k rows for rotate-half rope; llama.cpp's NORM rope (llama, minicpm) wants them interleaved.
+    permute_qk: bool
+    extra_metadata: Callable[[GGUFWriter, dict[str, Any]], None] = field(default=_no_metadata)
+    extra_tensors: Callable[[dict[str, Any]], dict[str, np.ndarray]] = field(default=_no_tensors)
+
+
+LLM_ARCHS: dict[str, LlmArch] = {
+    "llama": LlmArch("llama", permute_qk=True, extra_metadata=_llama_metadata),
+    "qwen2": LlmArch("qwen2", permute_qk=False),
+    "qwen3": LlmArch("qwen3", permute_qk=False),
+    "minicpm": LlmArch("minicpm", permute_qk=True, extra_metadata=_minicpm_metadata,
+                       extra_tensors=_rope_factor_tensors),
+}
+
+
+def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
+    rows = weights.shape[0]
+    return (weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_common_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """The hyper-parameters every llama.cpp decoder architecture reads."""
+    writer.add_context_length(int(require(config, "max_position_embeddings")))
+    writer.add_embedding_length(int(require(config, "hidden_size")))
+    writer.add_block_count(int(require(config, "num_hidden_layers")))
+    writer.add_feed_forward_length(int(require(config, "intermediate_size")))
+    writer.add_head_count(int(require(config, "num_attention_heads")))
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    writer.add_layer_norm_rms_eps(float(require(config, "rms_norm_eps")))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    if config.get("head_dim"):
+        writer.add_key_length(int(config["head_dim"]))
+        writer.add_value_length(int(config["head_dim"]))

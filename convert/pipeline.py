@@ -1,0 +1,107 @@
+"""One pass from a published checkpoint to the two GGUF files llama.cpp runs: the language model and the
+mmproj. Tensors stream from the memory-mapped shards through ggml's quantizer into the output files; no
+intermediate file is written, and both outputs appear only once both are complete."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import open_checkpoint, resolve_source
+from .errors import ConversionError
+from .families import Family, detect_family
+from .ggml_quant import default_threads
+from .gguf_out import GgufPlan, check_free_space, temporary_path, value_count, write_gguf
+from .llm import plan_llm
+from .mmproj import plan_mmproj
+from .presets import Preset, load_preset
+
+# Called with (values done, values in all) as tensors stream; the CLI draws its progress bar from it.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class ConversionResult:
+    family: Family
+    preset: Preset
+    llm_path: Path
+    mmproj_path: Path
+    tensor_types: dict[str, Counter] = field(default_factory=dict)  # file role -> type name -> count
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+def output_paths(outdir: Path, stem: str, preset: Preset) -> tuple[Path, Path]:
+    return (outdir / f"{stem}-{preset.name.upper()}.gguf",
+            outdir / f"mmproj-{stem}-{preset.mmproj_type.name}.gguf")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prepare_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create output folder {outdir}: {e.strerror}") from None
+    if not os.access(outdir, os.W_OK):
+        raise ConversionError(f"output folder {outdir} is not writable")
+
+
+def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4_k_m", *,
+                       n_threads: int | None = None, progress: ProgressCallback | None = None) -> ConversionResult:
+    """Convert a MiniCPM-V checkpoint (local folder or hub id) into `outdir`: `<name>-<PRESET>.gguf` and
+    `mmproj-<name>-<TYPE>.gguf`. Raises ConversionError for bad input; leaves no partial file behind."""
+    started = time.perf_counter()
+    chosen = load_preset(preset) if isinstance(preset, str) else preset
+    folder = resolve_source(str(source))
+    checkpoint = open_checkpoint(folder)
+    family = detect_family(checkpoint.config)
+    plans: list[GgufPlan] = [plan_llm(checkpoint, family, chosen), plan_mmproj(checkpoint, family, chosen)]
+
+    out = Path(outdir).expanduser()
+    _prepare_outdir(out)
+    finals = output_paths(out, folder.resolve().name, chosen)
+    check_free_space(out, sum(plan.nbytes for plan in plans))
+
+    total = sum(value_count(plan.tensors) for plan in plans)
+    done = 0
+
+    def on_block(n_values: int) -> None:
+        nonlocal done
+        done += n_values
+        if progress:
+            progress(done, total)
+
+    partials = [temporary_path(final) for final in finals]
+    threads = n_threads or default_threads()
+    try:
+        for plan, partial in zip(plans, partials):
+            write_gguf(plan, partial, threads, on_block)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConversionError(f"ran out of disk space writing {out}") from None
+        raise ConversionError(f"cannot write to {out}: {e.strerror or e}") from None
+    finally:
+        checkpoint.close()
+        if not all(p.exists() for p in partials):
+            for p in partials:
+                p.unlink(missing_ok=True)
+    for partial, final in zip(partials, finals):
+        os.replace(partial, final)
+
+    result = ConversionResult(family, chosen, *finals)
+    for role, plan in zip(("llm", "mmproj"), plans):
+        result.tensor_types[role] = Counter(t.qtype.name for t in plan.tensors)
+    result.bytes_written = sum(f.stat().st_size for f in finals)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
