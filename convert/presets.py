@@ -114,10 +114,13 @@ def llm_tensor_types(tensors: Iterable[tuple[str, Sequence[int]]], preset: Prese
 
 
 def mmproj_tensor_type(name: str, shape: Sequence[int], preset: Preset) -> T:
-    """Matrices take the preset's vision type; vectors, position tables and the patch conv keep float precision
-    (clip.cpp's conv path needs F16 or F32 kernels)."""
-    if len(shape) < 2:
+    """clip.cpp's rule (as its legacy MiniCPM-V converter writes): only 2-D `.weight` matrices take the
+    preset's vision type; vectors and tensors used as graph inputs (resampler.query, pos_embed_k) stay F32,
+    because ops such as ggml_norm on them accept F32 only; the patch conv and position table use F16."""
+    if len(shape) < 2 or not name.endswith(".weight"):
         return T.F32
-    if "patch_embd" in name or "position_embd" in name or "pos_embed" in name:
-        return T.F32 if preset.mmproj_type == T.F32 else T.F16
+    if preset.mmproj_type == T.F32:
+        return T.F32
+    if "patch_embd" in name or "position_embd" in name:
+        return T.F16
     return _row_fallback(preset.mmproj_type, shape[-1])
