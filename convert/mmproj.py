@@ -16,6 +16,7 @@ from .gguf_out import GgufPlan, PlannedTensor
 from .llm_archs import require
 from .presets import Preset, mmproj_tensor_type
 
+MMPROJ_PREFIXES = ("vpm.", "resampler.")
 # Published names gguf's TensorNameMap does not cover, each with how its GGUF tensors derive from it.
 _POST_LAYERNORM = "vpm.post_layernorm."
 _IN_PROJ = "resampler.attn.in_proj_"
@@ -55,7 +56,7 @@ def _source_tensors(checkpoint: Checkpoint, family: Family
         return lambda: iter([fn(checkpoint.read(name))])
 
     for hf_name, ref in checkpoint.tensors.items():
-        if not hf_name.startswith(("vpm.", "resampler.")):
+        if not hf_name.startswith(MMPROJ_PREFIXES):
             continue
         if hf_name.startswith(_POST_LAYERNORM):
             out.append(("v.post_ln." + hf_name.rsplit(".", 1)[1], ref.shape, read(hf_name)))

@@ -11,15 +11,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+from gguf import GGUFWriter
 
 from .checkpoint import open_checkpoint, resolve_source
 from .errors import ConversionError
 from .families import Family, detect_family
 from .ggml_quant import default_threads
 from .gguf_out import GgufPlan, check_free_space, temporary_path, value_count, write_gguf
-from .llm import plan_llm
-from .mmproj import plan_mmproj
+from .llm import LLM_PREFIX, plan_llm
+from .mmproj import MMPROJ_PREFIXES, plan_mmproj
 from .presets import Preset, load_preset
 
 # Called with (values done, values in all) as tensors stream; the CLI draws its progress bar from it.
@@ -47,6 +49,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _check_tensor_prefixes(names: Iterable[str], family: Family) -> None:
+    """Every published tensor is either converted or knowingly skipped (MiniCPM-o's audio and TTS parts)."""
+    known = (LLM_PREFIX, *MMPROJ_PREFIXES, *family.skip_prefixes)
+    unexpected = sorted(name for name in names if not name.startswith(known))
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} tensors belong to no part this converter knows for "
+                              f"{family.title}, e.g. {unexpected[0]}")
+
+
 def _prepare_outdir(outdir: Path) -> None:
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +76,12 @@ def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4
     folder = resolve_source(str(source))
     checkpoint = open_checkpoint(folder)
     family = detect_family(checkpoint.config)
+    _check_tensor_prefixes(checkpoint.tensors, family)
     plans: list[GgufPlan] = [plan_llm(checkpoint, family, chosen), plan_mmproj(checkpoint, family, chosen)]
+    for plan in plans:
+        # Build each header once in memory first, so a missing config key or a broken tokenizer fails
+        # before anything is written.
+        plan.metadata(GGUFWriter(None, plan.arch))
 
     out = Path(outdir).expanduser()
     _prepare_outdir(out)

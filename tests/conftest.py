@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny synthetic checkpoints and their conversions, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from minicpmv_edge.convert import ConversionResult, convert_checkpoint
+from minicpmv_edge.convert.synthetic import FAMILIES, make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("minicpmv")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(workdir: Path) -> Callable[[str], Path]:
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_checkpoint(family, workdir / "checkpoints" / family, size="tiny", seed=0)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(workdir: Path, tiny_checkpoint: Callable[[str], Path]) -> Callable[[str, str], ConversionResult]:
+    done: dict[tuple[str, str], ConversionResult] = {}
+
+    def get(family: str, preset: str) -> ConversionResult:
+        key = (family, preset)
+        if key not in done:
+            done[key] = convert_checkpoint(tiny_checkpoint(family), workdir / "gguf" / family / preset, preset)
+        return done[key]
+
+    return get
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", FAMILIES)
