@@ -1,24 +1,30 @@
 """A published Hugging Face checkpoint folder, read lazily: config files and memory-mapped safetensors shards.
 
-Nothing here holds more than the rows being converted: tensors are opened with safetensors (mmap) and
-sliced row-block by row-block, so peak memory follows the chunk size, not the model.
+Shards are memory-mapped and read one row block at a time; once a block is converted its pages are
+released with madvise(MADV_DONTNEED). Without that, every page read stays in the process's resident set
+(safetensors' own mmap offers no way to drop them) and peak RSS would grow to the size of the shards.
+The safetensors layout itself is tiny: an 8-byte header length, a JSON header of dtype, shape and data
+offsets per tensor, then the raw data.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from .errors import ConversionError
 
 # Row blocks of about this many values are read, converted and quantized at a time.
 CHUNK_VALUES = 16 << 20
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+_NUMPY_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+                 "I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,14 @@ class TensorRef:
     shard: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the shard
+    nbytes: int
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
 
 
 @dataclass
@@ -34,7 +48,7 @@ class Checkpoint:
     folder: Path
     config: dict[str, Any]
     tensors: dict[str, TensorRef]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     def json_file(self, name: str) -> dict[str, Any] | None:
         path = self.folder / name
@@ -45,20 +59,30 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{path} is not valid JSON: {e}") from None
 
-    def _handle(self, shard: Path) -> Any:
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(shard), framework="pt")
-        return self._handles[shard]
+    def _map(self, shard: Path) -> mmap.mmap:
+        if shard not in self._maps:
+            with open(shard, "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[shard]
+
+    def read_raw(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (or a block of its rows) in its stored dtype (bf16 as uint16), copied out of the map."""
+        ref = self.tensors[name]
+        dtype = np.dtype(_NUMPY_DTYPES[ref.dtype])
+        row_values = int(np.prod(ref.shape[1:])) if len(ref.shape) > 1 else 1
+        first, last = (0, ref.shape[0] if ref.shape else 1) if rows is None else (rows.start, rows.stop)
+        start = ref.offset + first * row_values * dtype.itemsize
+        count = (last - first) * row_values
+        mapped = self._map(ref.shard)
+        data = np.frombuffer(mapped, dtype=dtype, count=count, offset=start).copy()
+        page = mmap.PAGESIZE
+        aligned = start - start % page
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + data.nbytes - aligned)
+        return data.reshape((last - first, *ref.shape[1:]) if ref.shape else ())
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Tensor `name` (or a block of its rows) as float32."""
-        ref = self.tensors[name]
-        try:
-            view = self._handle(ref.shard).get_slice(name)
-            data = view[rows] if rows is not None else view[:]
-        except SafetensorError as e:
-            raise ConversionError(f"cannot read {name} from {ref.shard.name}: {e}") from None
-        return data.float().numpy()
+        return _to_float32(self.read_raw(name, rows), self.tensors[name].dtype)
 
     def row_blocks(self, name: str) -> Iterator[np.ndarray]:
         """The tensor as consecutive float32 blocks of whole rows (the first axis), each about CHUNK_VALUES."""
@@ -72,20 +96,34 @@ class Checkpoint:
             yield self.read(name, slice(start, min(start + step, shape[0])))
 
     def close(self) -> None:
-        self._handles.clear()
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
 
 
 def _shard_tensors(shard: Path) -> dict[str, TensorRef]:
     if not shard.is_file():
         raise ConversionError(f"missing shard {shard.name} in {shard.parent}")
+    size = shard.stat().st_size
     try:
-        with safe_open(str(shard), framework="pt") as handle:
-            refs = {}
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                refs[name] = TensorRef(name, shard, view.get_dtype(), tuple(view.get_shape()))
-            return refs
-    except SafetensorError as e:
+        with open(shard, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(f.read(header_len))
+        refs = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in _NUMPY_DTYPES:
+                raise ValueError(f"{name} has unsupported dtype {info['dtype']}")
+            if 8 + header_len + end > size:
+                raise ValueError(f"{name} runs past the end of the file")
+            refs[name] = TensorRef(name, shard, info["dtype"], tuple(info["shape"]), 8 + header_len + begin,
+                                   end - begin)
+        return refs
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
         raise ConversionError(f"{shard.name} is not a readable safetensors file (truncated?): {e}") from None
 
 
