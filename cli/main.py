@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -29,10 +30,11 @@ def one_line_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         from minicpmv_edge.convert import ConversionError
+        from minicpmv_edge.runtime import EngineError, ImageInputError, VisionError
 
         try:
             return command(*args, **kwargs)
-        except ConversionError as e:
+        except (ConversionError, EngineError, VisionError, ImageInputError) as e:
             console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -80,6 +82,139 @@ def convert(
         console.print(_summary_table(result))
     print(result.llm_path)
     print(result.mmproj_path)
+
+
+def _load(model: list[str]):  # noqa: ANN202 - runtime.Model, imported lazily
+    from minicpmv_edge.runtime import EngineError, load
+
+    if len(model) not in (1, 2):
+        raise EngineError("MODEL is the folder `minicpmv convert` wrote, or the model GGUF and the mmproj GGUF")
+    return load(*model)
+
+
+def _timings_line(record) -> str:  # noqa: ANN001 - runtime.GenerationResponse
+    return (f"image encode {record.image_encode_ms:,.0f} ms | prompt {record.prompt_tokens} tokens at "
+            f"{record.prefill_tokens_per_s:,.1f} tok/s | {record.generation_tokens} tokens at "
+            f"{record.decode_tokens_per_s:,.1f} tok/s | peak RSS {record.peak_rss_mb:,.0f} MiB")
+
+
+def _stream(records, as_json: bool) -> None:  # noqa: ANN001 - iterator of GenerationResponse
+    pieces, last = [], None
+    for record in records:
+        last = record
+        pieces.append(record.text)
+        if not as_json:
+            print(record.text, end="", flush=True)
+    if as_json:
+        timings = {k: v for k, v in vars(last).items() if k not in ("text", "token")} if last else {}
+        print(json.dumps({"answer": "".join(pieces), "timings": timings}, ensure_ascii=False))
+    else:
+        print()
+        if last:
+            console.print(_timings_line(last), style="dim")
+
+
+@app.command()
+@one_line_errors
+def demo(max_new_tokens: int = typer.Option(24, help="Tokens to generate")) -> None:
+    """Build (once) a tiny synthetic MiniCPM-V 4.5, convert it, and ask it about a picture."""
+    from .demo import DEMO_QUESTION, cache_root, run_demo
+
+    console.print(f"[bold]minicpmv demo[/bold]: tiny synthetic MiniCPM-V 4.5 (cached in {cache_root()})")
+    console.print("[yellow]The weights are random, so the answer's words are meaningless; the demo shows the "
+                  "path (checkpoint -> GGUF -> vision tower -> llama.cpp) and its timings.[/yellow]")
+    console.print(f"Q: {DEMO_QUESTION}")
+    print("A: ", end="", flush=True)
+    _stream(run_demo(max_new_tokens), as_json=False)
+
+
+@app.command()
+@one_line_errors
+def ask(
+    args: list[str] = typer.Argument(..., help="MODEL (folder, or model GGUF + mmproj GGUF) then the question"),
+    image: list[Path] = typer.Option([], "--image", "-i", help="An image (repeat for several)"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 for greedy decoding"),
+    think: bool = typer.Option(False, "--think", help="Thinking mode (Qwen3-based families)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
+) -> None:
+    """Ask one question about images; the answer streams to stdout."""
+    from minicpmv_edge.runtime import EngineError, Sampling
+
+    if len(args) < 2:
+        raise EngineError("give MODEL and a question")
+    model = _load(args[:-1])
+    try:
+        msgs = [{"role": "user", "content": [*image, args[-1]]}]
+        _stream(model.stream_generate(msgs, max_new_tokens=max_new_tokens, enable_thinking=think,
+                                      sampling=Sampling(temperature=temperature)), as_json)
+    finally:
+        model.close()
+
+
+@app.command()
+@one_line_errors
+def chat(
+    model_paths: list[str] = typer.Argument(..., metavar="MODEL"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+) -> None:
+    """Interactive chat. /image PATH attaches an image, /reset clears, /think on|off, /quit exits."""
+    from minicpmv_edge.runtime import ImageInputError
+    from minicpmv_edge.runtime.images import load_image
+
+    model = _load(model_paths)
+    history: list[dict] = []
+    pending: list = []
+    think = False
+    try:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                history, pending = [], []
+                continue
+            if line.startswith("/think"):
+                think = line.endswith("on")
+                console.print(f"thinking {'on' if think else 'off'}")
+                continue
+            if line.startswith("/image"):
+                try:
+                    pending.append(load_image(line[len("/image"):].strip()))
+                    console.print(f"{len(pending)} image(s) attached")
+                except ImageInputError as e:
+                    console.print(f"[red]error:[/red] {e}")
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": [*pending, line]})
+            pending = []
+            pieces = []
+            for record in model.stream_generate(history, max_new_tokens=max_new_tokens, enable_thinking=think):
+                pieces.append(record.text)
+                print(record.text, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": "".join(pieces)})
+    finally:
+        model.close()
+
+
+@app.command()
+@one_line_errors
+def info(path: Path = typer.Argument(..., help="A GGUF file")) -> None:
+    """Family, tensor types, sizes and metadata of a GGUF file."""
+    from minicpmv_edge.runtime.info import describe_gguf
+
+    described = describe_gguf(path)
+    table = Table(title=f"{path.name}: {described['role']} ({described['architecture']})", show_header=False)
+    for key in ("family", "tensors", "parameters", "tensor_types", "bytes"):
+        table.add_row(key, str(described[key]))
+    for key, value in described["metadata"].items():
+        table.add_row(key, str(value))
+    Console().print(table)
 
 
 def main() -> None:

@@ -84,6 +84,9 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
 
     def metadata(writer: GGUFWriter) -> None:
         writer.add_name(family.title)
+        # What the runtime needs to lay out prompts as the family's official processor does.
+        writer.add_string("minicpmv_edge.family", family.key)
+        writer.add_bool("minicpmv_edge.use_image_id", bool(config.get("use_image_id", False)))
         write_common_metadata(writer, config)
         family.llm.extra_metadata(writer, config)
         writer.add_vocab_size(n_vocab)

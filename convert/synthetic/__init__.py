@@ -1,0 +1,13 @@
+"""Synthetic checkpoint factory for the MiniCPM-V / MiniCPM-o "resampler" families.
+
+`make_checkpoint(family, out_dir, size="tiny"|"full", seed=0)` writes a random-weight Hugging
+Face folder in the family's published layout (file names, config keys, tensor names, bf16
+dtype); only sizes shrink for "tiny". `plan_tensors` lists (name, shape) without writing data.
+What was verified against published files and what is assumed: PUBLISHED.md beside this file.
+"""
+
+from .factory import dims, make_checkpoint, plan_tensors
+from .families import FAMILIES, get_family
+from .tokenizer import build_tokenizer
+
+__all__ = ["FAMILIES", "make_checkpoint", "plan_tensors", "dims", "get_family", "build_tokenizer"]

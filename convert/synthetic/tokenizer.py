@@ -125,7 +125,8 @@ def _append_added(tok: Tokenizer, added: tuple[tuple[str, bool], ...]) -> None:
 def _additional_special(fam: Family) -> list[str]:
     if fam.tokenizer == "spm-llama":
         return [t for t, _ in fam.added_tokens] + list(fam.spm_user_symbols)
-    return [t for t, special in fam.added_tokens if special and t not in _BASE_SPECIALS]
+    extra = [t for t, special in fam.added_tokens if special and t not in _BASE_SPECIALS]
+    return sorted(extra, key=lambda t: t != "<unk>")   # published lists start with <unk>
 
 
 def _token_dict(content: str) -> dict[str, Any]:

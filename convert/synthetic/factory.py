@@ -1,0 +1,105 @@
+"""`make_checkpoint`: one generic writer for every family in `families.SPECS`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from .families import TINY, Family, get_family, longrope_factors
+from .tokenizer import build_tokenizer
+from .weights import Entry, assign_shards, plan_from_dims, write_safetensors
+
+Size = Literal["tiny", "full"]
+VOCAB_PAD = 64   # published vocab sizes are padded too; tiny ones round len(tokenizer) up to this
+
+
+def dims(family: str, size: Size = "tiny") -> dict[str, Any]:
+    """Concrete numbers behind every ``$name`` placeholder of the family's templates."""
+    fam = get_family(family)
+    tok_size = build_tokenizer(family).size
+    if size == "tiny":
+        d: dict[str, Any] = {**fam.full, **TINY, "vocab": -(-tok_size // VOCAB_PAD) * VOCAB_PAD}
+        if "head_dim" not in fam.full:
+            d.pop("head_dim")    # families whose config has no head_dim key derive it from hidden/heads
+    elif size == "full":
+        d = dict(fam.full)
+        if d["vocab"] < tok_size:
+            raise ValueError(f"{family}: tokenizer ({tok_size}) exceeds the published vocab_size {d['vocab']}")
+    else:
+        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    d["longrope"] = longrope_factors(d.get("head_dim") or d["hidden"] // d["heads"])
+    return d
+
+
+def plan_tensors(family: str, size: Size = "tiny") -> list[Entry]:
+    """Every (name, shape) the checkpoint holds, in write order; no data is generated."""
+    return plan_from_dims(get_family(family), dims(family, size))
+
+
+def _render(obj: Any, d: dict[str, Any], vocab: dict[str, int]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _render(v, d, vocab) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_render(v, d, vocab) for v in obj]
+    if isinstance(obj, str) and obj.startswith("$id:"):
+        return vocab[obj[4:]]
+    if isinstance(obj, str) and obj.startswith("$"):
+        return d[obj[1:]]
+    return obj
+
+
+def _json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
+    d = dims(fam.key, size)
+    tok = build_tokenizer(fam.key)
+    _json(folder / "config.json", _render(fam.config, d, tok.vocab))
+    _json(folder / "generation_config.json", _render(fam.generation_config, d, tok.vocab))
+    _json(folder / "preprocessor_config.json", fam.preprocessor_config)
+    for name, content in tok.files.items():
+        (folder / name).write_bytes(content)
+
+    entries = plan_from_dims(fam, d)
+    shards = assign_shards(entries, n_shards=2 if size == "tiny" else None)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors(folder / fname, shard, seed)
+        weight_map.update((name, fname) for name, _ in shard)
+    _json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def make_checkpoint(family: str, out_dir: str | os.PathLike[str], size: Size = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of `family` in its published Hugging Face layout.
+
+    The folder is assembled beside `out_dir` and renamed into place, so readers never see a
+    half-written checkpoint; an existing `out_dir` is replaced.
+    """
+    fam = get_family(family)
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_into(tmp, fam, size, seed)
+        tmp.chmod(0o755)   # mkdtemp makes it 0700
+        if out.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,210 @@
+"""`load()` returns a ready model; `Model.chat()` takes the published message shape; `stream_generate()`
+yields small response records (text piece, token, running timings), as mlx-lm does.
+
+The prompt follows the model's own chat template (stored in the GGUF). Each image in a message becomes
+`<image_id>N</image_id>` (families that use image ids) plus mtmd's image chunks (`<image>` + overview +
+`</image>` + slices); image embeddings are cached by image digest, and the KV cache keeps the common
+prefix between calls, so a follow-up turn re-encodes and re-decodes nothing of the history."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jinja2.sandbox
+import llama_cpp
+import numpy as np
+
+from .engine import Engine, EngineError, Sampling
+from .images import ImageInput, image_digest, load_image
+from .vision import VisionTower
+
+DEFAULT_CONTEXT = 4096
+THINK_END = "</think>"
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    text: str  # the new piece of text (may be empty while a multi-byte character is incomplete)
+    token: int
+    image_encode_ms: float
+    prompt_tokens: int
+    prefill_tokens_per_s: float
+    generation_tokens: int
+    decode_tokens_per_s: float
+    peak_rss_mb: float
+    finish_reason: str | None = None  # "stop", "length" on the last record
+
+
+@dataclass
+class ChatAnswer:
+    """What `chat()` returns: the answer, and the reasoning separately when thinking was on."""
+
+    text: str
+    reasoning: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def find_pair(folder: Path) -> tuple[Path, Path]:
+    """The language model and mmproj GGUF that `minicpmv convert` wrote into `folder`."""
+    ggufs = sorted(folder.glob("*.gguf"))
+    mmprojs = [p for p in ggufs if "mmproj" in p.name]
+    models = [p for p in ggufs if "mmproj" not in p.name]
+    if len(mmprojs) != 1 or len(models) != 1:
+        raise EngineError(f"{folder} should hold one model GGUF and one mmproj GGUF; found "
+                          f"{[p.name for p in ggufs] or 'none'}")
+    return models[0], mmprojs[0]
+
+
+class Model:
+    def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool):
+        self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
+        self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
+        self.family = self._meta("minicpmv_edge.family") or ""
+        self.use_image_id = self._meta("minicpmv_edge.use_image_id") == "true"
+        template = llama_cpp.llama_model_chat_template(self.engine.model, None)
+        if not template:
+            raise EngineError(f"{model_path} carries no chat template")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.template = env.from_string(template.decode())
+        bos = llama_cpp.llama_vocab_bos(self.engine.vocab)
+        self.bos = self.engine.piece(bos, special=True).decode(errors="ignore")
+        self._embeddings: dict[tuple[str, int], np.ndarray] = {}
+
+    def _meta(self, key: str) -> str | None:
+        buf = llama_cpp.ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.engine.model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    def close(self) -> None:
+        self.vision.close()
+        self.engine.close()
+
+    # ---- prompt -----------------------------------------------------------------------------------------
+
+    def _render(self, msgs: Sequence[dict[str, Any]], system_prompt: str | None, enable_thinking: bool,
+                use_image_id: bool) -> tuple[str, list[tuple[str, Any]]]:
+        """The prompt text with one mtmd marker per image, and the images in order (with digests)."""
+        images: list[tuple[str, Any]] = []
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        for msg in msgs:
+            role, content = msg.get("role"), msg.get("content")
+            if role not in ("user", "assistant", "system"):
+                raise ValueError(f"message role must be user, assistant or system, not {role!r}")
+            parts = [content] if isinstance(content, str) else list(content or [])
+            texts = []
+            for part in parts:
+                if isinstance(part, str):
+                    texts.append(part)
+                    continue
+                image = load_image(part)
+                tag = f"<image_id>{len(images)}</image_id>" if use_image_id else ""
+                images.append((image_digest(image), image))
+                texts.append(tag + self.vision.marker)
+            messages.append({"role": role, "content": "\n".join(texts)})
+        text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
+                                    enable_thinking=enable_thinking)
+        return text, images
+
+    def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
+                enable_thinking: bool = False, use_image_id: bool | None = None) -> tuple[list[object], float]:
+        """Prompt items for the engine (token ids and image-row keys) and the image encoding time in ms."""
+        text, images = self._render(msgs, system_prompt, enable_thinking,
+                                    self.use_image_id if use_image_id is None else use_image_id)
+        started = time.perf_counter()
+        chunks = self.vision.tokenize(text, images, self._embeddings)
+        encode_ms = (time.perf_counter() - started) * 1000
+        items: list[object] = []
+        for chunk in chunks:
+            if chunk.is_image:
+                rows = self._embeddings[chunk.image_key].shape[0]
+                items.extend((chunk.image_key, row) for row in range(rows))
+            else:
+                items.extend(chunk.tokens)
+        return items, encode_ms
+
+    # ---- generation -------------------------------------------------------------------------------------
+
+    def stream_generate(self, msgs: Sequence[dict[str, Any]], *, max_new_tokens: int = 512,
+                        sampling: Sampling = Sampling(), system_prompt: str | None = None,
+                        enable_thinking: bool = False, use_image_id: bool | None = None
+                        ) -> Iterator[GenerationResponse]:
+        items, encode_ms = self.prepare(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
+                                        use_image_id=use_image_id)
+        started = time.perf_counter()
+        decoded = self.engine.feed(items, self._embeddings)
+        prefill_s = time.perf_counter() - started
+        prefill_tps = decoded / prefill_s if prefill_s > 0 else 0.0
+        chain = self.engine.sampler(sampling)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decode_started = time.perf_counter()
+        try:
+            for n in range(1, max_new_tokens + 1):
+                token = self.engine.sample(chain)
+                end = self.engine.is_end(token)
+                text = "" if end else utf8.decode(self.engine.piece(token))
+                elapsed = time.perf_counter() - decode_started
+                finish = "stop" if end else ("length" if n == max_new_tokens else None)
+                yield GenerationResponse(text, token, encode_ms, len(items), prefill_tps, n,
+                                         n / elapsed if elapsed > 0 else 0.0, _peak_rss_mb(), finish)
+                if finish:
+                    break
+                self.engine.append_token(token)
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+
+    def chat(self, msgs: Sequence[dict[str, Any]], *, stream: bool = False, enable_thinking: bool = False,
+             max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, seed: int = 0, max_slice_nums: int | None = None,
+             use_image_id: bool | None = None, system_prompt: str | None = None) -> ChatAnswer | Iterator[str]:
+        """The published `chat()` call shape. Returns the answer (reasoning separated), or with
+        `stream=True` an iterator of text pieces."""
+        if max_slice_nums not in (None, 9):
+            raise NotImplementedError("max_slice_nums other than 9 needs the runtime's own slicing (issue 3)")
+        records = self.stream_generate(
+            msgs, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking, use_image_id=use_image_id,
+            sampling=Sampling(temperature, top_p, top_k, repetition_penalty, seed), system_prompt=system_prompt)
+        if stream:
+            return (record.text for record in records)
+        pieces, last = [], None
+        for record in records:
+            pieces.append(record.text)
+            last = record
+        text = "".join(pieces)
+        reasoning = ""
+        if THINK_END in text:
+            reasoning, text = text.split(THINK_END, 1)
+            reasoning = reasoning.replace("<think>", "").strip()
+        timings = {} if last is None else {
+            "image_encode_ms": last.image_encode_ms, "prompt_tokens": last.prompt_tokens,
+            "prefill_tokens_per_s": last.prefill_tokens_per_s, "generation_tokens": last.generation_tokens,
+            "decode_tokens_per_s": last.decode_tokens_per_s, "peak_rss_mb": last.peak_rss_mb}
+        return ChatAnswer(text.strip(), reasoning, timings)
+
+
+def load(model: str | Path, mmproj: str | Path | None = None, *, n_ctx: int = DEFAULT_CONTEXT,
+         n_threads: int | None = None, repack: bool = False) -> Model:
+    """Load a converted pair: the folder `minicpmv convert` wrote, or the two GGUF files."""
+    model_path = Path(model).expanduser()
+    if mmproj is None:
+        if not model_path.is_dir():
+            raise EngineError(f"{model_path} is not a folder; give the model GGUF and the mmproj GGUF")
+        model_path, mmproj_path = find_pair(model_path)
+    else:
+        mmproj_path = Path(mmproj).expanduser()
+    for path in (model_path, mmproj_path):
+        if not path.is_file():
+            raise EngineError(f"no such file: {path}")
+    return Model(model_path, mmproj_path, n_ctx=n_ctx, n_threads=n_threads or len(os.sched_getaffinity(0)), repack=repack)
