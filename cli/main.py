@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -35,10 +36,10 @@ def one_line_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (ConversionError, EngineError, VisionError, ImageInputError) as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]")
+            print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

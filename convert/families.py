@@ -22,21 +22,20 @@ class Family:
     minicpmv_version: int  # clip.minicpmv_version: selects clip.cpp's preprocessing and query count defaults
     # Prefixes of published tensors that are not part of a vision+text model (MiniCPM-o's audio and TTS).
     skip_prefixes: tuple[str, ...] = ()
-
-    @property
-    def scales_image_embeddings(self) -> bool:
-        """llama.cpp's minicpm arch multiplies every input embedding by scale_emb, image embeddings included,
-        where the HF model scales only text: the projector must be divided by it."""
-        return self.llm.gguf_arch == "minicpm"
+    # The oldest published config carries no "version" key (vLLM reads such configs as 2.5 too).
+    unversioned: bool = False
 
 
 _OMNI_SKIP = ("apm.", "tts.", "audio_projection_layer.", "audio_avg_pooler.")
 
 FAMILIES: tuple[Family, ...] = (
-    Family("minicpm-llama3-v-2.5", "MiniCPM-Llama3-V 2.5", "MiniCPMV", "2.5", LLM_ARCHS["llama"], "llama-bpe", 2),
+    Family("minicpm-llama3-v-2.5", "MiniCPM-Llama3-V 2.5", "MiniCPMV", "2.5", LLM_ARCHS["llama"], "llama-bpe", 2,
+           unversioned=True),
     Family("minicpm-v-2.6", "MiniCPM-V 2.6", "MiniCPMV", "2.6", LLM_ARCHS["qwen2"], "qwen2", 3),
     Family("minicpm-o-2.6", "MiniCPM-o 2.6", "MiniCPMO", "2.6", LLM_ARCHS["qwen2"], "qwen2", 4, _OMNI_SKIP),
-    Family("minicpm-v-4.0", "MiniCPM-V 4.0", "MiniCPMV", "4.0", LLM_ARCHS["minicpm"], "default", 5),
+    # MiniCPM4-3B is published in Llama form (vLLM loads it with LlamaForCausalLM), with LongRoPE and a
+    # sentencepiece tokenizer ("default" pre-tokenizer).
+    Family("minicpm-v-4.0", "MiniCPM-V 4.0", "MiniCPMV", "4.0", LLM_ARCHS["llama"], "default", 5),
     Family("minicpm-v-4.5", "MiniCPM-V 4.5", "MiniCPMV", "4.5", LLM_ARCHS["qwen3"], "qwen2", 6),
     Family("minicpm-o-4.5", "MiniCPM-o 4.5", "MiniCPMO", "4.5", LLM_ARCHS["qwen3"], "qwen2", 100045, _OMNI_SKIP),
 )
@@ -59,7 +58,8 @@ def detect_family(config: dict[str, Any]) -> Family:
     architecture = architectures[0] if architectures else config.get("model_type", "?")
     version = _version_string(config.get("version"))
     for family in FAMILIES:
-        if family.architecture == architecture and family.version == version:
+        if family.architecture == architecture and (
+                family.version == version or (family.unversioned and config.get("version") is None)):
             return family
     raise ConversionError(f"unsupported model: architecture {architecture}, version {version}. "
                           f"Supported: {supported_list()}")

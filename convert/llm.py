@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .families import Family
 from .gguf_out import GgufPlan, PlannedTensor
-from .llm_archs import permute_rotary, require, write_common_metadata
+from .llm_archs import LlmArch, llm_arch_for, permute_rotary, require, rope_factor_tensors, write_common_metadata
 from .presets import Preset, llm_tensor_types
 from .vocab import write_vocab
 
@@ -26,8 +26,8 @@ def _arch_enum(name: str) -> gguf.MODEL_ARCH:
     return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
 
 
-def _transform(family: Family, config: dict, gguf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    if not family.llm.permute_qk:
+def _transform(arch: LlmArch, config: dict, gguf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    if not arch.permute_qk:
         return None
     if gguf_name.endswith("attn_q.weight"):
         n_head = int(config["num_attention_heads"])
@@ -61,7 +61,8 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     config = checkpoint.config
     n_layer = int(require(config, "num_hidden_layers"))
     n_vocab = int(require(config, "vocab_size"))
-    name_map = gguf.get_tensor_name_map(_arch_enum(family.llm.gguf_arch), n_layer)
+    arch = llm_arch_for(config, family.llm)
+    name_map = gguf.get_tensor_name_map(_arch_enum(arch.gguf_arch), n_layer)
 
     named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
     for hf_name, ref in checkpoint.tensors.items():
@@ -70,10 +71,10 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
         inner = hf_name[len(LLM_PREFIX):]
         gguf_name = name_map.get_name(inner, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {family.llm.gguf_arch} model")
-        source = _source(checkpoint, hf_name, _transform(family, config, gguf_name))
+            raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {arch.gguf_arch} model")
+        source = _source(checkpoint, hf_name, _transform(arch, config, gguf_name))
         named.append((gguf_name, ref.shape, source))
-    for gguf_name, values in family.llm.extra_tensors(config).items():
+    for gguf_name, values in rope_factor_tensors(config).items():
         named.append((gguf_name, values.shape, _constant(values)))
     if not any(name == "token_embd.weight" for name, _, _ in named):
         raise ConversionError("the checkpoint has no llm.model.embed_tokens.weight")
@@ -82,17 +83,20 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     types = llm_tensor_types([(name, shape) for name, shape, _ in named], preset, n_layer)
     tensors = [PlannedTensor(name, tuple(shape), types[name], source) for name, shape, source in named]
 
+    preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
+    use_image_id = bool(preprocessor.get("use_image_id", config.get("use_image_id", False)))
+
     def metadata(writer: GGUFWriter) -> None:
         writer.add_name(family.title)
         # What the runtime needs to lay out prompts as the family's official processor does.
         writer.add_string("minicpmv_edge.family", family.key)
-        writer.add_bool("minicpmv_edge.use_image_id", bool(config.get("use_image_id", False)))
+        writer.add_bool("minicpmv_edge.use_image_id", use_image_id)
         write_common_metadata(writer, config)
-        family.llm.extra_metadata(writer, config)
+        arch.extra_metadata(writer, config)
         writer.add_vocab_size(n_vocab)
         writer.add_file_type(preset.llm_ftype)
         if preset.llm_is_quantized:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, checkpoint.folder, family.tokenizer_pre, n_vocab)
 
-    return GgufPlan(family.llm.gguf_arch, metadata, tensors)
+    return GgufPlan(arch.gguf_arch, metadata, tensors)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGUFWriter, RopeScalingType
 
 from .errors import ConversionError
 
@@ -37,12 +37,17 @@ def _llama_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_rope_dimension_count(head_dim(config))
 
 
-def _rope_factor_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """LongRoPE's per-dimension factors, which llama.cpp takes as tensors (MiniCPM4)."""
+def _longrope(config: dict[str, Any]) -> dict[str, Any] | None:
     scaling = config.get("rope_scaling") or {}
-    long_factor, short_factor = scaling.get("long_factor"), scaling.get("short_factor")
-    if not (long_factor or short_factor):
+    return scaling if scaling.get("rope_type", scaling.get("type")) in ("longrope", "su") else None
+
+
+def rope_factor_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """LongRoPE's per-dimension factors, which llama.cpp takes as tensors (MiniCPM4's rope)."""
+    scaling = _longrope(config)
+    if scaling is None:
         return {}
+    long_factor, short_factor = scaling.get("long_factor"), scaling.get("short_factor")
     n_pairs = head_dim(config) // 2
     if not (long_factor and short_factor) or len(long_factor) != n_pairs or len(short_factor) != n_pairs:
         raise ConversionError("rope_scaling needs long_factor and short_factor of head_dim/2 values each")
@@ -56,26 +61,27 @@ def _no_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     return None
 
 
-def _no_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {}
-
-
 @dataclass(frozen=True)
 class LlmArch:
     gguf_arch: str
     # HF stores q/k rows for rotate-half rope; llama.cpp's NORM rope (llama, minicpm) wants them interleaved.
     permute_qk: bool
     extra_metadata: Callable[[GGUFWriter, dict[str, Any]], None] = field(default=_no_metadata)
-    extra_tensors: Callable[[dict[str, Any]], dict[str, np.ndarray]] = field(default=_no_tensors)
 
 
 LLM_ARCHS: dict[str, LlmArch] = {
     "llama": LlmArch("llama", permute_qk=True, extra_metadata=_llama_metadata),
     "qwen2": LlmArch("qwen2", permute_qk=False),
     "qwen3": LlmArch("qwen3", permute_qk=False),
-    "minicpm": LlmArch("minicpm", permute_qk=True, extra_metadata=_minicpm_metadata,
-                       extra_tensors=_rope_factor_tensors),
+    "minicpm": LlmArch("minicpm", permute_qk=True, extra_metadata=_minicpm_metadata),
 }
+
+
+def llm_arch_for(config: dict[str, Any], published: LlmArch) -> LlmArch:
+    """The family's published LLM architecture, except that a MiniCPM-form config (scale_emb, scale_depth,
+    dim_model_base: MiniCPM4 before its scales are folded into Llama-form weights) needs llama.cpp's
+    minicpm architecture, which applies those scales."""
+    return LLM_ARCHS["minicpm"] if "scale_emb" in config else published
 
 
 def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -98,3 +104,7 @@ def write_common_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     if config.get("head_dim"):
         writer.add_key_length(int(config["head_dim"]))
         writer.add_value_length(int(config["head_dim"]))
+    scaling = _longrope(config)
+    if scaling is not None:
+        writer.add_rope_scaling_type(RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_orig_ctx_len(int(require(scaling, "original_max_position_embeddings")))

@@ -49,7 +49,9 @@ def _source_tensors(checkpoint: Checkpoint, family: Family
     vision = require(config, "vision_config")
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, int(require(vision, "num_hidden_layers")))
     embed_dim = int(require(config, "hidden_size"))
-    proj_scale = 1.0 / float(require(config, "scale_emb")) if family.scales_image_embeddings else 1.0
+    # llama.cpp's minicpm arch multiplies every input embedding by scale_emb, injected image embeddings
+    # included, where the HF model scales only text embeddings: pre-divide the projector.
+    proj_scale = 1.0 / float(config["scale_emb"]) if "scale_emb" in config else 1.0
     out: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
 
     def read(name: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> Callable[[], Iterator[np.ndarray]]:

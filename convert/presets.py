@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 from gguf import GGMLQuantizationType as T
 
+from .errors import ConversionError
 from .ggml_quant import block_size
 
 _NOT_QUANTIZED = (T.F32, T.F16, T.BF16)
@@ -49,7 +50,7 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> Preset:
     key = name.lower()
     if key not in preset_names():
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+        raise ConversionError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     raw = json.loads(resources.files("minicpmv_edge.quant_presets").joinpath(f"{key}.json").read_text())
     sensitive = raw.get("llm_sensitive_type")
     return Preset(

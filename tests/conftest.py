@@ -41,6 +41,15 @@ def converted(workdir: Path, tiny_checkpoint: Callable[[str], Path]) -> Callable
     return get
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer() -> Callable[[Path], object]:
+    """transformers' tokenizer of a checkpoint folder. The published config.json names remote code and 4.0's
+    longrope rope_scaling trips transformers' generic config, so neither is consulted."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    return lambda folder: AutoTokenizer.from_pretrained(folder, trust_remote_code=False, config=PretrainedConfig())
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", FAMILIES)

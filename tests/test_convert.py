@@ -20,7 +20,7 @@ from minicpmv_edge.runtime.vision import VisionTower
 
 
 def load_pair(llm: Path, mmproj: Path) -> tuple[Llama, VisionTower]:
-    model = Llama(str(llm), n_ctx=256, n_threads=2, verbose=False)
+    model = Llama(str(llm), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     return model, VisionTower(mmproj, model.model, n_threads=2)
 
 
@@ -42,11 +42,9 @@ def test_q4_k_m_pair_loads_in_llama_cpp(family: str, converted, tiny_checkpoint)
     assert np.isfinite(model.scores[len(tokens) - 1]).all()
 
     config = json.loads((tiny_checkpoint(family) / "config.json").read_text())
-    chunks = vision.tokenize(vision.marker, [gray_image()])
-    images = [c for c in chunks if c.is_image]
-    assert len(images) == 1
-    assert images[0].embeddings.shape == (config["query_num"], config["hidden_size"])
-    assert np.isfinite(images[0].embeddings).all()
+    [embeddings] = vision.encode_image(gray_image())
+    assert embeddings.shape == (config["query_num"], config["hidden_size"])
+    assert np.isfinite(embeddings).all()
     vision.close()
 
 
@@ -57,7 +55,7 @@ def test_every_preset_loads(preset: str, converted) -> None:
     assert reader.fields["general.file_type"].contents() == result.preset.llm_ftype
     model, vision = load_pair(result.llm_path, result.mmproj_path)
     model.eval(model.tokenize(b"Hi", add_bos=False))
-    assert any(c.is_image for c in vision.tokenize(vision.marker, [gray_image()]))
+    assert len(vision.encode_image(gray_image())) == 1
     vision.close()
 
 

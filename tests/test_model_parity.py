@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from llama_cpp import Llama
 from PIL import Image
-from transformers import AutoTokenizer
 
 from minicpmv_edge.runtime.vision import VisionTower
 from reference import encode_image_reference, language_model, preprocess_448
@@ -24,15 +23,15 @@ PROMPT = ("A picture of a cat sitting on a windowsill, 窗台上的猫, un chat 
           "def f(x): return x * 2  # 1234567890 and more words to make the prompt long enough.")
 
 
-def prompt_ids(folder, n: int = 64) -> list[int]:  # noqa: ANN001
-    ids = AutoTokenizer.from_pretrained(folder).encode(PROMPT * 4, add_special_tokens=False)
+def prompt_ids(tokenizer, n: int = 64) -> list[int]:  # noqa: ANN001
+    ids = tokenizer.encode(PROMPT * 4, add_special_tokens=False)
     assert len(ids) >= n
     return ids[:n]
 
 
-def test_llm_logits_match_reference(family: str, converted, tiny_checkpoint) -> None:
+def test_llm_logits_match_reference(family: str, converted, tiny_checkpoint, hf_tokenizer) -> None:
     folder = tiny_checkpoint(family)
-    ids = prompt_ids(folder)
+    ids = prompt_ids(hf_tokenizer(folder))
     model = Llama(str(converted(family, "f32").llm_path), n_ctx=128, n_batch=128, logits_all=True,
                   n_threads=2, verbose=False)
     model.eval(ids)
@@ -58,9 +57,9 @@ def test_image_embeddings_match_reference(family: str, converted, tiny_checkpoin
 
     model = Llama(str(converted(family, "q8_0").llm_path), n_ctx=64, verbose=False)
     vision = VisionTower(result.mmproj_path, model.model, n_threads=2)
-    [ours] = [c.embeddings for c in vision.tokenize(vision.marker, [image]) if c.is_image]
+    [ours] = vision.encode_image(image)
     vision.close()
-    if result.family.scales_image_embeddings:
+    if "scale_emb" in config:
         # llama.cpp's minicpm arch multiplies injected embeddings by scale_emb; the converter pre-divided.
         ours = ours * config["scale_emb"]
 

@@ -22,7 +22,7 @@ def dims(family: str, size: Size = "tiny") -> dict[str, Any]:
     fam = get_family(family)
     tok_size = build_tokenizer(family).size
     if size == "tiny":
-        d: dict[str, Any] = {**fam.full, **TINY, "vocab": -(-tok_size // VOCAB_PAD) * VOCAB_PAD}
+        d: dict[str, Any] = {**fam.full, **TINY, **fam.tiny, "vocab": -(-tok_size // VOCAB_PAD) * VOCAB_PAD}
         if "head_dim" not in fam.full:
             d.pop("head_dim")    # families whose config has no head_dim key derive it from hidden/heads
     elif size == "full":

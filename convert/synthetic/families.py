@@ -191,6 +191,8 @@ class Family:
     audio: bool = False                          # MiniCPM-o: apm.*, audio_projection_layer.*, tts.*
     tie_word_embeddings: bool = False
     tts_layout: str = ""                         # "chattts" (o-2.6) | "minicpmtts" (o-4.5)
+    # Tiny-size overrides that keep a published quirk visible (e.g. head_dim != hidden / heads).
+    tiny: dict[str, int] = field(default_factory=dict)
     # special_tokens_map.json keys besides additional_special_tokens (published Qwen-based maps omit bos/unk)
     special_map_keys: tuple[str, ...] = ("eos_token", "pad_token")
 
@@ -393,6 +395,7 @@ SPECS: dict[str, Family] = {f.key: f for f in (
         published_tokenizer_class="MiniCPMVTokenizerFast",
         tokenizer_files=("tokenizer.model",),
         special_map_keys=("bos_token", "eos_token", "unk_token"),
+        tiny=dict(head_dim=128),   # published: 32 heads x 128 on hidden 2560, so q_proj is not square
     ),
     Family(
         key="minicpm-v-4.5", llm="qwen3", tokenizer="bpe-qwen2", query_num=64,
