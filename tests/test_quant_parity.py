@@ -40,3 +40,21 @@ def test_q4_k_m_matches_llama_quantize(family: str, converted, tmp_path: Path) -
     assert {"Q4_K", "Q6_K", "F32"} <= types
     differing = sum(t.data.tobytes() != from_f16[n].data.tobytes() for n, t in ours.items())
     assert differing <= len(ours) // 4
+
+
+def test_row_fallbacks_and_layer_pattern_match_llama_quantize(tmp_path: Path, monkeypatch) -> None:
+    """Rows that k-quant blocks cannot hold (hidden 384, ffn 320) fall back as llama.cpp does
+    (Q4_K -> Q5_0, Q6_K -> Q8_0, output -> Q8_0), over 8 layers of the use-more-bits pattern."""
+    from minicpmv_edge.convert import convert_checkpoint
+    from minicpmv_edge.convert.synthetic import families, make_checkpoint
+
+    for key, value in {"hidden": 384, "intermediate": 320, "layers": 8}.items():
+        monkeypatch.setitem(families.TINY, key, value)
+    checkpoint = make_checkpoint("minicpm-v-4.5", tmp_path / "odd")
+    ours = {t.name: t for t in GGUFReader(convert_checkpoint(checkpoint, tmp_path / "q", "q4_k_m").llm_path).tensors}
+    reference = llama_quantize(convert_checkpoint(checkpoint, tmp_path / "f", "f32").llm_path,
+                               tmp_path / "ref.gguf", LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in reference.items()}
+    assert all(t.data.tobytes() == reference[n].data.tobytes() for n, t in ours.items())
+    types = {t.tensor_type.name for t in ours.values()}
+    assert {"Q5_0", "Q8_0"} <= types
