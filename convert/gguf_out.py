@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -42,6 +44,39 @@ class GgufPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
+def prefetched(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+    """Read and convert the next row blocks on a helper thread while the current one quantizes: numpy's
+    bf16 -> f32 conversion and the page-ins release the GIL, so the cores do not wait for them."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if stop.is_set():
+                    return
+                queue.put(block)
+            queue.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            queue.put(e)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                queue.get_nowait()
+            except Empty:
+                worker.join(timeout=0.05)
+
+
 class _StreamedTensor:
     """Quacks like the ndarray GGUFWriter.write_tensor_data expects, but produces its bytes block by block."""
 
@@ -51,7 +86,7 @@ class _StreamedTensor:
 
     def tofile(self, fout) -> None:  # noqa: ANN001 - a binary file object
         written = 0
-        for block in self.tensor.blocks():
+        for block in prefetched(self.tensor.blocks()):
             out = quantize(block.reshape(-1, self.tensor.shape[-1]), self.tensor.qtype, self.n_threads)
             if self.tensor.qtype != T.F32 and out.dtype != np.uint8:
                 raise AssertionError("quantizer returned floats for a quantized type")

@@ -85,12 +85,15 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
 
     preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
     use_image_id = bool(preprocessor.get("use_image_id", config.get("use_image_id", False)))
+    max_slice_nums = int(preprocessor.get("max_slice_nums", (config.get("slice_config") or {}).get(
+        "max_slice_nums", 9)))
 
     def metadata(writer: GGUFWriter) -> None:
         writer.add_name(family.title)
         # What the runtime needs to lay out prompts as the family's official processor does.
         writer.add_string("minicpmv_edge.family", family.key)
         writer.add_bool("minicpmv_edge.use_image_id", use_image_id)
+        writer.add_uint32("minicpmv_edge.max_slice_nums", max_slice_nums)
         write_common_metadata(writer, config)
         arch.extra_metadata(writer, config)
         writer.add_vocab_size(n_vocab)

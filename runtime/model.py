@@ -19,13 +19,19 @@ from typing import Any, Iterator, Sequence
 import jinja2.sandbox
 import llama_cpp
 import numpy as np
+from PIL import Image
 
 from .engine import Engine, EngineError, Sampling
-from .images import ImageInput, image_digest, load_image
+from .clip_encoder import PieceEncoder
+from .images import image_digest, load_image
+from .info import describe_gguf
+from .slicing import DEFAULT_MAX_SLICE_NUMS, cut, frame_for, layout_parts, plan_slices
 from .vision import VisionTower
 
 DEFAULT_CONTEXT = 4096
 THINK_END = "</think>"
+# Stands for an image while the chat template renders; no tokenizer or user text produces it.
+IMAGE_SENTINEL = "\x00minicpmv-edge-image\x00"
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,15 @@ class Model:
     def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool):
         self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
         self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
+        projector = describe_gguf(mmproj_path)["metadata"]
+        self.pieces = PieceEncoder(self.vision.context, self.engine.n_embd, n_threads,
+                                   tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
+                                   tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))),
+                                   int(projector.get("clip.vision.patch_size", 14)))
         self.family = self._meta("minicpmv_edge.family") or ""
         self.use_image_id = self._meta("minicpmv_edge.use_image_id") == "true"
+        self.max_slice_nums = int(self._meta("minicpmv_edge.max_slice_nums") or DEFAULT_MAX_SLICE_NUMS)
+        self.frame = frame_for(self.family)
         template = llama_cpp.llama_model_chat_template(self.engine.model, None)
         if not template:
             raise EngineError(f"{model_path} carries no chat template")
@@ -94,10 +107,12 @@ class Model:
 
     # ---- prompt -----------------------------------------------------------------------------------------
 
-    def _render(self, msgs: Sequence[dict[str, Any]], system_prompt: str | None, enable_thinking: bool,
-                use_image_id: bool) -> tuple[str, list[tuple[str, Any]]]:
-        """The prompt text with one mtmd marker per image, and the images in order (with digests)."""
-        images: list[tuple[str, Any]] = []
+    def _render(self, msgs: Sequence[dict[str, Any]], system_prompt: str | None,
+                enable_thinking: bool) -> tuple[list[str], list[Any]]:
+        """The chat template applied; returns the text split around images, and the images in order.
+        As the published chat() does, a message's parts are joined with newlines and each image stands
+        where the user put it."""
+        images: list[Any] = []
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         for msg in msgs:
             role, content = msg.get("role"), msg.get("content")
@@ -108,41 +123,55 @@ class Model:
             for part in parts:
                 if isinstance(part, str):
                     texts.append(part)
-                    continue
-                image = load_image(part)
-                tag = f"<image_id>{len(images)}</image_id>" if use_image_id else ""
-                images.append((image_digest(image), image))
-                texts.append(tag + self.vision.marker)
+                else:
+                    images.append(load_image(part))
+                    texts.append(IMAGE_SENTINEL)
             messages.append({"role": role, "content": "\n".join(texts)})
         text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
                                     enable_thinking=enable_thinking)
-        return text, images
+        return text.split(IMAGE_SENTINEL), images
 
     def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
-                enable_thinking: bool = False, use_image_id: bool | None = None) -> tuple[list[object], float]:
-        """Prompt items for the engine (token ids and image-row keys) and the image encoding time in ms."""
-        text, images = self._render(msgs, system_prompt, enable_thinking,
-                                    self.use_image_id if use_image_id is None else use_image_id)
-        started = time.perf_counter()
-        chunks = self.vision.tokenize(text, images, self._embeddings)
-        encode_ms = (time.perf_counter() - started) * 1000
+                enable_thinking: bool = False, max_slice_nums: int | None = None,
+                use_image_id: bool | None = None) -> tuple[list[object], float]:
+        """Prompt items for the engine (token ids, and (piece key, row) for image embeddings) laid out as the
+        family's official processor does, and the time spent encoding new pieces in ms."""
+        texts, images = self._render(msgs, system_prompt, enable_thinking)
+        slices = self.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
+        if slices < 1:
+            raise ValueError("max_slice_nums must be at least 1")
+        with_ids = self.use_image_id if use_image_id is None else use_image_id
+        encode_s = 0.0
         items: list[object] = []
-        for chunk in chunks:
-            if chunk.is_image:
-                rows = self._embeddings[chunk.image_key].shape[0]
-                items.extend((chunk.image_key, row) for row in range(rows))
-            else:
-                items.extend(chunk.tokens)
-        return items, encode_ms
+        for index, text in enumerate(texts):
+            items.extend(self.engine.tokenize(text))
+            if index == len(images):
+                break
+            image = images[index]
+            layout = plan_slices(image.size, slices)
+            digest = image_digest(image)
+            pieces: list[Image.Image] | None = None
+            for part in layout_parts(layout, self.frame, index if with_ids else None):
+                if isinstance(part, str):
+                    items.extend(self.engine.tokenize(part))
+                    continue
+                key = (digest, slices, part)
+                if key not in self._embeddings:
+                    pieces = pieces or cut(image, layout)
+                    started = time.perf_counter()
+                    self._embeddings[key] = self.pieces.encode(pieces[part])
+                    encode_s += time.perf_counter() - started
+                items.extend((key, row) for row in range(self._embeddings[key].shape[0]))
+        return items, encode_s * 1000
 
     # ---- generation -------------------------------------------------------------------------------------
 
     def stream_generate(self, msgs: Sequence[dict[str, Any]], *, max_new_tokens: int = 512,
                         sampling: Sampling = Sampling(), system_prompt: str | None = None,
-                        enable_thinking: bool = False, use_image_id: bool | None = None
-                        ) -> Iterator[GenerationResponse]:
+                        enable_thinking: bool = False, max_slice_nums: int | None = None,
+                        use_image_id: bool | None = None) -> Iterator[GenerationResponse]:
         items, encode_ms = self.prepare(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
-                                        use_image_id=use_image_id)
+                                        max_slice_nums=max_slice_nums, use_image_id=use_image_id)
         started = time.perf_counter()
         decoded = self.engine.feed(items, self._embeddings)
         prefill_s = time.perf_counter() - started
@@ -171,10 +200,9 @@ class Model:
              use_image_id: bool | None = None, system_prompt: str | None = None) -> ChatAnswer | Iterator[str]:
         """The published `chat()` call shape. Returns the answer (reasoning separated), or with
         `stream=True` an iterator of text pieces."""
-        if max_slice_nums not in (None, 9):
-            raise NotImplementedError("max_slice_nums other than 9 needs the runtime's own slicing (issue 3)")
         records = self.stream_generate(
             msgs, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking, use_image_id=use_image_id,
+            max_slice_nums=max_slice_nums,
             sampling=Sampling(temperature, top_p, top_k, repetition_penalty, seed), system_prompt=system_prompt)
         if stream:
             return (record.text for record in records)
