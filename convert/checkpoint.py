@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import ConversionError
+from .ggml_quant import half_to_float32
 
 # Row blocks of about this many values are read, converted and quantized at a time.
 CHUNK_VALUES = 16 << 20
@@ -35,12 +36,6 @@ class TensorRef:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the shard
     nbytes: int
-
-
-def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
 
 
 @dataclass
@@ -65,8 +60,8 @@ class Checkpoint:
                 self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[shard]
 
-    def read_raw(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or a block of its rows) in its stored dtype (bf16 as uint16), copied out of the map."""
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (or a block of its rows) as float32."""
         ref = self.tensors[name]
         dtype = np.dtype(_NUMPY_DTYPES[ref.dtype])
         row_values = int(np.prod(ref.shape[1:])) if len(ref.shape) > 1 else 1
@@ -74,15 +69,15 @@ class Checkpoint:
         start = ref.offset + first * row_values * dtype.itemsize
         count = (last - first) * row_values
         mapped = self._map(ref.shard)
-        data = np.frombuffer(mapped, dtype=dtype, count=count, offset=start).copy()
-        page = mmap.PAGESIZE
-        aligned = start - start % page
-        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + data.nbytes - aligned)
+        view = np.frombuffer(mapped, dtype=dtype, count=count, offset=start)
+        if ref.dtype in ("BF16", "F16"):
+            data = half_to_float32(view, ref.dtype)  # straight out of the map, no intermediate copy
+        else:
+            data = view.astype(np.float32)
+        del view
+        aligned = start - start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + count * dtype.itemsize - aligned)
         return data.reshape((last - first, *ref.shape[1:]) if ref.shape else ())
-
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or a block of its rows) as float32."""
-        return _to_float32(self.read_raw(name, rows), self.tensors[name].dtype)
 
     def row_blocks(self, name: str) -> Iterator[np.ndarray]:
         """The tensor as consecutive float32 blocks of whole rows (the first axis), each about CHUNK_VALUES."""

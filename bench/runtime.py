@@ -1,0 +1,159 @@
+"""Benchmark: one image question through our runtime and, in the same run, through llama-cpp-python's own
+MiniCPM-V chat handler on the same GGUF pair (and llama-mtmd-cli when --mtmd-cli is given).
+
+Each engine runs in its own child process so peak RSS is its own. Reported: image encode ms (ours:
+measured; peer: time to first token minus a text-only prefill is not separable, so its TTFT is shown),
+time to first token, decode tokens/s, peak RSS. JSON and Markdown under bench/results/.
+
+    python bench/runtime.py --model-dir /tmp/minicpmv-bench/out-minicpm-v-4.5-full-q4_k_m --label full
+    python bench/runtime.py --tiny          # converts the demo's tiny model and benchmarks that
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTION = "Describe this picture in detail."
+
+
+def bench_image() -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (448, 448), (235, 235, 225))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 60, 220, 240), fill=(200, 40, 40))
+    draw.rectangle((240, 200, 420, 400), fill=(40, 80, 200))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def run_ours(model_dir: Path, max_new_tokens: int, n_ctx: int) -> dict:
+    from minicpmv_edge.runtime import load
+
+    started = time.perf_counter()
+    model = load(model_dir, n_ctx=n_ctx)
+    loaded = time.perf_counter()
+    msgs = [{"role": "user", "content": [bench_image(), QUESTION]}]
+    first = last = None
+    for record in model.stream_generate(msgs, max_new_tokens=max_new_tokens):
+        first = first or time.perf_counter()
+        last = record
+    return {"load_s": loaded - started, "image_encode_ms": last.image_encode_ms,
+            "time_to_first_token_s": first - loaded, "prompt_tokens": last.prompt_tokens,
+            "prefill_tokens_per_s": last.prefill_tokens_per_s, "generated_tokens": last.generation_tokens,
+            "decode_tokens_per_s": last.decode_tokens_per_s}
+
+
+def run_peer(model_dir: Path, max_new_tokens: int, n_ctx: int) -> dict:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MiniCPMv26ChatHandler
+
+    [model_path] = [p for p in model_dir.glob("*.gguf") if "mmproj" not in p.name]
+    [mmproj] = list(model_dir.glob("mmproj*.gguf"))
+    started = time.perf_counter()
+    llm = Llama(str(model_path), chat_handler=MiniCPMv26ChatHandler(clip_model_path=str(mmproj), verbose=False),
+                n_ctx=n_ctx, n_threads=len(os.sched_getaffinity(0)), verbose=False)
+    loaded = time.perf_counter()
+    url = "data:image/png;base64," + base64.b64encode(bench_image()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTION}]}]
+    first, count = None, 0
+    for _ in llm.create_chat_completion(messages=messages, max_tokens=max_new_tokens, temperature=0.0,
+                                        stream=True):
+        first = first or time.perf_counter()
+        count += 1
+    done = time.perf_counter()
+    return {"load_s": loaded - started, "time_to_first_token_s": first - loaded, "generated_tokens": count,
+            "decode_tokens_per_s": (count - 1) / (done - first) if count > 1 else 0.0}
+
+
+def run_mtmd_cli(model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str) -> dict:
+    [model_path] = [p for p in model_dir.glob("*.gguf") if "mmproj" not in p.name]
+    [mmproj] = list(model_dir.glob("mmproj*.gguf"))
+    image = Path("/tmp/minicpmv-bench-image.png")
+    image.write_bytes(bench_image())
+    started = time.perf_counter()
+    subprocess.run([cli, "-m", str(model_path), "--mmproj", str(mmproj), "--image", str(image), "-p", QUESTION,
+                    "-n", str(max_new_tokens), "-c", str(n_ctx), "--temp", "0"], check=True, capture_output=True)
+    return {"wall_s": time.perf_counter() - started}
+
+
+def child(engine: str, model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str | None) -> dict:
+    runner = {"ours": run_ours, "llama-cpp-python chat handler": run_peer}
+    result = (run_mtmd_cli(model_dir, max_new_tokens, n_ctx, cli) if engine == "llama-mtmd-cli"
+              else runner[engine](model_dir, max_new_tokens, n_ctx))
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if engine == "llama-mtmd-cli":
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Runtime: {result['label']} ({result['gguf_bytes'] / 1e9:.2f} GB of GGUF), one 448x448 image, "
+             f"{result['max_new_tokens']} new tokens", "",
+             "| engine | load s | image encode ms | TTFT s | decode tok/s | peak RSS GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["engines"].items():
+        def cell(key: str, fmt: str) -> str:
+            return format(row[key], fmt) if key in row else "-"
+        lines.append(f"| {name} | {cell('load_s', '.1f')} | {cell('image_encode_ms', ',.0f')} | "
+                     f"{cell('time_to_first_token_s', '.2f')} | {cell('decode_tokens_per_s', '.2f')} | "
+                     f"{row['peak_rss_bytes'] / 2**30:.2f} |")
+    lines += ["", f"machine: {result['machine']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="benchmark the demo's tiny model")
+    parser.add_argument("--label", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--mtmd-cli", help="path to a llama-mtmd-cli binary to time as well")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.tiny:
+        from minicpmv_edge.cli.demo import prepared_model
+
+        args.model_dir, args.label = prepared_model(), args.label or "tiny"
+    if args.child:
+        print(json.dumps(child(args.child, args.model_dir, args.max_new_tokens, args.n_ctx, args.mtmd_cli)))
+        return
+
+    engines = ["ours", "llama-cpp-python chat handler"] + (["llama-mtmd-cli"] if args.mtmd_cli else [])
+    results = {}
+    for engine in engines:
+        command = [sys.executable, __file__, "--model-dir", str(args.model_dir), "--child", engine,
+                   "--max-new-tokens", str(args.max_new_tokens), "--n-ctx", str(args.n_ctx)]
+        if args.mtmd_cli:
+            command += ["--mtmd-cli", args.mtmd_cli]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{engine} failed:\n{proc.stderr[-2000:]}")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    label = args.label or args.model_dir.name
+    result = {"label": label, "max_new_tokens": args.max_new_tokens, "n_ctx": args.n_ctx,
+              "gguf_bytes": sum(p.stat().st_size for p in args.model_dir.glob("*.gguf")), "engines": results,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"runtime-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"runtime-{label}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The runtime and its CLI on a tiny converted model: chat() shapes, KV-cache reuse across turns, image
+inputs of every kind, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minicpmv_edge.runtime import EngineError, ImageInputError, load
+from minicpmv_edge.runtime.images import load_image
+
+
+@pytest.fixture(scope="module")
+def model_dir(converted) -> Path:  # noqa: ANN001
+    return converted("minicpm-v-4.5", "q8_0").llm_path.parent
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path):  # noqa: ANN201
+    loaded = load(model_dir, n_ctx=512)
+    yield loaded
+    loaded.close()
+
+
+def picture(size: tuple[int, int] = (500, 300), seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_chat_returns_answer_and_streams_the_same_text(model) -> None:
+    msgs = [{"role": "user", "content": [picture(), "What is in the image?"]}]
+    answer = model.chat(msgs, max_new_tokens=12)
+    streamed = "".join(model.chat(msgs, max_new_tokens=12, stream=True))
+    assert answer.text == streamed.strip()
+    assert answer.timings["generation_tokens"] <= 12 and answer.timings["peak_rss_mb"] > 0
+
+
+def test_second_turn_reuses_cache_and_image_embeddings(model) -> None:
+    image = picture(seed=1)
+    first = [{"role": "user", "content": [image, "Describe it."]}]
+    answer = model.chat(first, max_new_tokens=6)
+    encoded = dict(model._embeddings)
+    follow_up = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": "More?"}]
+    items, encode_ms = model.prepare(follow_up)
+    assert encode_ms == 0.0 and model._embeddings.keys() == encoded.keys()
+    decoded = model.engine.feed(items, model._embeddings)
+    assert decoded < len(items) // 2  # only the new turn's tokens
+
+
+def test_prompt_longer_than_the_model_context_is_refused(model) -> None:
+    with pytest.raises(EngineError, match="context holds"):
+        model.chat([{"role": "user", "content": "word " * 50_000}], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "CMYK", "L", "I;16", "LA"])
+def test_every_image_mode_becomes_rgb(mode: str) -> None:
+    source = picture((64, 48)).convert("RGBA" if mode in ("RGBA", "LA") else "RGB")
+    image = source.convert(mode) if mode != "I;16" else Image.fromarray(
+        (np.asarray(source.convert("L"), dtype=np.uint16) * 257))
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode in ("I;16", "CMYK") else "PNG")
+    loaded = load_image(buffer.getvalue())
+    assert loaded.mode == "RGB" and loaded.size == (64, 48)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    image = picture((80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert load_image(path).size == (40, 80)
+
+
+def test_bad_images_are_refused(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageInputError, match="not an image"):
+        load_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageInputError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    import minicpmv_edge.runtime.images as images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    with pytest.raises(ImageInputError, match="pixel limit"):
+        load_image(picture((20, 20)))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minicpmv_edge.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_ask_json_and_info(model_dir: Path, tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    picture().save(image)
+    proc = run_cli("ask", str(model_dir), "--image", str(image), "-n", "5", "--json", "What is this?")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert set(record) == {"answer", "timings"} and record["timings"]["generation_tokens"] <= 5
+    [gguf] = [p for p in model_dir.glob("*.gguf") if "mmproj" not in p.name]
+    proc = run_cli("info", str(gguf))
+    assert proc.returncode == 0 and "minicpm-v-4.5" in proc.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image", "{tmp}/missing.png", "Q?"], "image not found"),
+    (["--image", "{tmp}/notes.txt", "Q?"], "not an image"),
+])
+def test_cli_bad_input_is_one_line(model_dir: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    (tmp_path / "notes.txt").write_text("text")
+    proc = run_cli("ask", str(model_dir), *[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_model_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("ask", str(tmp_path), "Q?")
+    assert proc.returncode == 1 and "should hold one model GGUF" in proc.stderr
+    proc = run_cli("info", str(tmp_path / "none.gguf"))
+    assert proc.returncode == 1 and "not a readable GGUF" in proc.stderr
