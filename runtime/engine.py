@@ -65,6 +65,8 @@ class Engine:
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_threads, self.n_batch = n_threads, n_batch
         self.ctx = None
+        self._token_batch = None
+        self._embeddings: dict[object, np.ndarray] = {}
         self.history: list[object] = []
         self._create_context(n_ctx)
 
@@ -82,6 +84,9 @@ class Engine:
         self.history = []
 
     def close(self) -> None:
+        if self._token_batch is not None:
+            llama_cpp.llama_batch_free(self._token_batch)
+            self._token_batch = None
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
@@ -121,6 +126,7 @@ class Engine:
     def feed(self, items: list[object], embeddings: dict[object, np.ndarray]) -> int:
         """Make the KV cache hold `items` (token ids, or keys into `embeddings` for image rows) followed by
         nothing else; returns how many positions had to be decoded. Logits of the last item are ready."""
+        self._embeddings = embeddings
         needed = len(items)
         if needed >= self.n_ctx:
             self._grow(needed)
@@ -198,5 +204,16 @@ class Engine:
         return int(llama_cpp.llama_sampler_sample(chain, self.ctx, -1))
 
     def append_token(self, token: int) -> None:
-        """Decode one generated token at the next position."""
-        self.feed(self.history + [token], {})
+        """Decode one generated token at the next position (the hot loop: no prefix search, one reused batch)."""
+        if len(self.history) + 1 >= self.n_ctx:
+            self.feed(self.history + [token], self._embeddings)  # grows the context, decodes it all again
+            return
+        if self._token_batch is None:
+            self._token_batch = llama_cpp.llama_batch_init(1, 0, 1)
+        batch = self._token_batch
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = token, len(self.history), 1, True
+        batch.seq_id[0][0] = 0
+        batch.n_tokens = 1
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise EngineError("llama.cpp failed to decode a generated token")
+        self.history.append(token)
