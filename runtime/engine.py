@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import llama_cpp
 import numpy as np
@@ -123,9 +124,11 @@ class Engine:
 
     # ---- decoding ---------------------------------------------------------------------------------------
 
-    def feed(self, items: list[object], embeddings: dict[object, np.ndarray]) -> int:
+    def feed(self, items: list[object], embeddings: dict[object, np.ndarray],
+             on_logits: Callable[[int, np.ndarray], None] | None = None) -> int:
         """Make the KV cache hold `items` (token ids, or keys into `embeddings` for image rows) followed by
-        nothing else; returns how many positions had to be decoded. Logits of the last item are ready."""
+        nothing else; returns how many positions had to be decoded. Logits of the last item are ready; with
+        `on_logits`, the logits of every decoded position are handed over as (first position, rows)."""
         self._embeddings = embeddings
         needed = len(items)
         if needed >= self.n_ctx:
@@ -139,7 +142,11 @@ class Engine:
         self.history = list(items[:common])
         position = common
         while position < needed:
-            position = self._decode_run(items, position, embeddings)
+            start, position = position, self._decode_run(items, position, embeddings, on_logits is not None)
+            if on_logits is not None:
+                n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+                rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(position - start, n_vocab))
+                on_logits(start, rows.copy())
         return needed - common
 
     def _grow(self, needed: int) -> None:
@@ -151,7 +158,8 @@ class Engine:
             size *= 2
         self._create_context(min(size, limit))
 
-    def _decode_run(self, items: list[object], start: int, embeddings: dict[object, np.ndarray]) -> int:
+    def _decode_run(self, items: list[object], start: int, embeddings: dict[object, np.ndarray],
+                    all_logits: bool = False) -> int:
         """Decode the longest run of same-kind items (text or rows of one image piece) from `start`."""
         is_text = isinstance(items[start], int)
         end = start
@@ -167,7 +175,7 @@ class Engine:
                 batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = end == len(items) and i == n - 1
+                batch.logits[i] = all_logits or (end == len(items) and i == n - 1)
             if not is_text:
                 key, first_row = items[start]
                 rows = np.ascontiguousarray(embeddings[key][first_row:first_row + n], dtype=np.float32)

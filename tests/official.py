@@ -1,0 +1,85 @@
+"""An independent rendition of the official MiniCPM-V processor for tests: slice geometry from transformers'
+MiniCPMV4_6ImageProcessorPil (the published LLaVA-UHD algorithm in code; patch_size 3.5 with its 4-fold merge
+gives the resampler families' 14-pixel alignment), the published placeholder text (`<image_id>N</image_id>`,
+`<image>` + query_num `<unk>` + `</image>`, slices row by row; 2.5 wraps its slices in `<slice>`), the chat
+template rendered by transformers, and ids from the published tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+REFERENCE = MiniCPMV4_6ImageProcessorPil()
+HALF_PATCH = 3.5  # x4 merge = 14-pixel alignment
+MARKER = "(<image>./</image>)"
+
+
+def reference_geometry(size: tuple[int, int], max_slice_nums: int) -> tuple[tuple, tuple | None, tuple | None]:
+    """(overview (w, h), grid (cols, rows), slice (w, h)) from transformers' implementation."""
+    width, height = size
+    grid = REFERENCE.get_sliced_grid((height, width), max_slice_nums, 448)
+    oh, ow = REFERENCE.find_best_resize((height, width), 448, HALF_PATCH, "16x", allow_upscale=grid is None)
+    if grid is None:
+        return (int(ow), int(oh)), None, None
+    rh, rw = REFERENCE.get_refine_size((height, width), grid, 448, HALF_PATCH, "16x", allow_upscale=True)
+    rows, cols = grid
+    return (int(ow), int(oh)), (cols, rows), (int(rw) // cols, int(rh) // rows)
+
+
+def reference_pieces(image: Image.Image, max_slice_nums: int) -> list[Image.Image]:
+    """Overview, then slices row by row, resized with bicubic as the published processor does."""
+    overview, grid, slice_size = reference_geometry(image.size, max_slice_nums)
+    pieces = [image.resize(overview, Image.Resampling.BICUBIC)]
+    if grid is not None:
+        cols, rows = grid
+        refined = image.resize((slice_size[0] * cols, slice_size[1] * rows), Image.Resampling.BICUBIC)
+        pieces += [refined.crop((c * slice_size[0], r * slice_size[1], (c + 1) * slice_size[0], (r + 1) * slice_size[1]))
+                   for r in range(rows) for c in range(cols)]
+    return pieces
+
+
+def random_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def official_placeholder(size: tuple[int, int], index: int, preprocessor: dict, family: str,
+                         max_slice_nums: int) -> str:
+    unk = preprocessor["unk"] * preprocessor["image_feature_size"]
+    text = f"{preprocessor['im_start']}{unk}{preprocessor['im_end']}"
+    if preprocessor.get("use_image_id"):
+        text = f"{preprocessor['im_id_start']}{index}{preprocessor['im_id_end']}" + text
+    _, grid, _ = reference_geometry(size, max_slice_nums)
+    if grid is None:
+        return text
+    cols, rows = grid
+    if family == "minicpm-llama3-v-2.5":
+        piece = f"{preprocessor['im_start']}{unk}{preprocessor['im_end']}"
+        return text + preprocessor["slice_start"] + "\n".join([piece * cols] * rows) + preprocessor["slice_end"]
+    piece = f"{preprocessor['slice_start']}{unk}{preprocessor['slice_end']}"
+    return text + "\n".join([piece * cols] * rows)
+
+
+def official_prompt_ids(folder: Path, family: str, msgs: list[dict[str, Any]], hf_tokenizer: Callable,
+                        max_slice_nums: int) -> tuple[list[int], int, list[Image.Image]]:
+    """Token ids the official processor builds for `msgs` (images as `<unk>` runs), the `<unk>` id, and the
+    images in prompt order."""
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    images: list[Image.Image] = []
+    texts = []
+    for message in msgs:
+        content = message["content"] if isinstance(message["content"], list) else [message["content"]]
+        images += [part for part in content if not isinstance(part, str)]
+        texts.append({"role": message["role"],
+                      "content": "\n".join(p if isinstance(p, str) else MARKER for p in content)})
+    text = hf_tokenizer(folder).apply_chat_template(texts, tokenize=False, add_generation_prompt=True,
+                                                    enable_thinking=False)
+    for index, image in enumerate(images):
+        text = text.replace(MARKER, official_placeholder(image.size, index, preprocessor, family, max_slice_nums), 1)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return tokenizer.encode(text, add_special_tokens=False).ids, tokenizer.token_to_id(preprocessor["unk"]), images
