@@ -5,7 +5,9 @@ MiniCPM for 4.0, which transformers lacks): the argmax agrees at every position 
 and the logits agree within 1e-3 absolute (float32 on both sides; the rest is summation order).
 Vision: mtmd's embeddings of a 448x448 image from an F16 mmproj against transformers'
 Idefics2VisionTransformer plus our resampler written from the published architecture: cosine >= 0.999
-for every one of the query tokens (F16 weights cost about 1e-4 of cosine)."""
+for every one of the query tokens (F16 weights cost about 1e-4 of cosine). MiniCPM-Llama3-V 2.5 is the one
+family whose published ViT positions (a flat 1 x L grid) clip.cpp does not reproduce: measured cosine about
+0.996 against the published path, 0.9999+ against the 2-D grid clip.cpp computes."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from llama_cpp import Llama
 from PIL import Image
 
 from minicpmv_edge.runtime.vision import VisionTower
-from reference import encode_image_reference, language_model, preprocess_448
+from reference import encode_image_reference, family_of, language_model, preprocess_448
 
 PROMPT = ("A picture of a cat sitting on a windowsill, 窗台上的猫, un chat sur le rebord de la fenêtre. "
           "def f(x): return x * 2  # 1234567890 and more words to make the prompt long enough.")
@@ -65,7 +67,15 @@ def test_image_embeddings_match_reference(family: str, converted, tiny_checkpoin
 
     mean = preprocessor.get("norm_mean", preprocessor.get("image_mean"))
     std = preprocessor.get("norm_std", preprocessor.get("image_std"))
+    pixels = preprocess_448(image, mean, std)
     with torch.no_grad():
-        ref = encode_image_reference(folder, preprocess_448(image, mean, std)).float().numpy()
+        ref = encode_image_reference(folder, pixels, position_grid="tgt").float().numpy()
+        published = encode_image_reference(folder, pixels).float().numpy()
     assert ours.shape == ref.shape == (config["query_num"], config["hidden_size"])
     assert cosine_rows(ours, ref).min() >= 0.999
+    if family_of(config).vit_grid == "flat":
+        # MiniCPM-Llama3-V 2.5 as published runs its ViT on a 1 x L strip of patches (flat position ids);
+        # clip.cpp (like vLLM) uses the 2-D patch grid. The deviation is known and bounded, not hidden.
+        assert 0.99 <= cosine_rows(ours, published).min() < 0.999
+    else:
+        assert cosine_rows(ours, published).min() >= 0.999
