@@ -3,10 +3,13 @@ of the whole model on the same weights: transformers' LLM class fed the official
 with the `<unk>` runs replaced by reference image embeddings (transformers' Idefics2VisionTransformer + our
 resampler from the published architecture), per piece.
 
-F32 language model and F32 mmproj; stated tolerance: argmax equal at every prompt position, greedy
-generation equal for 32 steps (or up to an end-of-generation token both produce). ViT positions follow the
+F32 language model and F32 mmproj; stated tolerance: logits within 0.05 at every prompt position (the KV
+cache is F16), and at every prompt position and each of 32 greedy steps our token is the reference's argmax
+on the same prefix or within 2e-3 of its max logit (random tiny weights give flat logits with near-ties). ViT positions follow the
 2-D patch grid of each piece, as clip.cpp computes them; that is the published scheme for every family but
-2.5, whose flat-strip positions clip.cpp cannot express (measured and bounded in test_model_parity)."""
+2.5, whose flat-strip positions clip.cpp cannot express (measured and bounded in test_model_parity).
+clip.cpp buckets positions as floor(70 i / n) where the published code bucketizes float32 fractions; the two
+disagree for a few grid sides (25, 49, 50, 55, 58, 77, 82, 86, 94, 98 patches), measured below."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from reference import encode_image_reference, language_model
 from minicpmv_edge.runtime import load
 
 STEPS = 32
+LOGIT_TOLERANCE = 0.05  # llama.cpp keeps the KV cache in F16; over ~600 positions logits drift ~1e-2
+TIE = 2e-3  # a top-2 gap this small is float noise: either token is the argmax
 CHATS = {
     "single image": lambda a, b: [{"role": "user", "content": [a, "What is in the image?"]}],
     "sliced image": lambda a, b: [{"role": "user", "content": [b, "Read the document."]}],
@@ -52,7 +57,9 @@ def runtimes(converted):  # noqa: ANN001, ANN201
 def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_checkpoint, hf_tokenizer) -> None:
     folder = tiny_checkpoint(family)
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
-    msgs = CHATS[chat](random_image((500, 300), 1), random_image((1000, 760), 2))
+    # A 420x300 image kept whole (upscaled to 38x27 patches) and a 1000x760 one cut into an overview and 2x2
+    # slices (37x28 patches each): grid sides where clip.cpp's position buckets equal the published ones.
+    msgs = CHATS[chat](random_image((420, 300), 1), random_image((1000, 760), 2))
     max_slice_nums = int(preprocessor.get("max_slice_nums", 9))
 
     # reference: official ids, <unk> runs replaced piece by piece with reference embeddings
@@ -65,11 +72,6 @@ def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_
         slots = [i for i, token in enumerate(ids) if token == unk_id]
         embeds[slots] = torch.cat(pieces).to(embeds.dtype)
         reference_logits = llm(inputs_embeds=embeds[None]).logits[0].float().numpy()
-        generated, sequence = [], embeds
-        for _ in range(STEPS):
-            token = int(llm(inputs_embeds=sequence[None]).logits[0, -1].argmax())
-            generated.append(token)
-            sequence = torch.cat([sequence, llm.get_input_embeddings()(torch.tensor([token]))])
 
     # ours: the runtime's own prompt, all logits, then its own greedy loop
     model = runtimes(family)
@@ -82,8 +84,33 @@ def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_
         ours_logits[start:start + len(rows)] = rows[:, : reference_logits.shape[1]]
 
     model.engine.feed(items, model._embeddings, on_logits=keep)
-    assert (ours_logits.argmax(-1) == reference_logits.argmax(-1)).all()
+    assert np.abs(ours_logits - reference_logits).max() < LOGIT_TOLERANCE
+    chosen = reference_logits[np.arange(len(items)), ours_logits.argmax(-1)]
+    assert (chosen >= reference_logits.max(-1) - TIE).all()
 
     ours_tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=STEPS)]
-    assert ours_tokens == generated[: len(ours_tokens)]
     assert len(ours_tokens) == STEPS or model.engine.is_end(ours_tokens[-1])
+    # Teacher-forced on our tokens, the reference must rank each one first, up to a near-tie: random tiny
+    # weights give flat logits where top-2 gaps below float32 noise (TIE logits) occur.
+    with torch.no_grad():
+        sequence = embeds
+        for token in ours_tokens:
+            logits = llm(inputs_embeds=sequence[None]).logits[0, -1]
+            assert float(logits[token]) >= float(logits.max()) - TIE
+            sequence = torch.cat([sequence, llm.get_input_embeddings()(torch.tensor([token]))])
+
+
+def test_position_bucket_rounding_is_the_only_vision_difference(converted, tiny_checkpoint) -> None:
+    """A 574x350 piece (41x25 patches; 25 is a side where clip.cpp's floor(70 i / n) and the published float32
+    bucketize disagree for some rows) differs measurably but boundedly from the published embedding."""
+    folder = tiny_checkpoint("minicpm-v-4.5")
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    model = load(converted("minicpm-v-4.5", "f32").llm_path.parent, n_ctx=256)
+    piece = random_image((574, 350), 4)
+    ours = model.pieces.encode(piece)
+    model.close()
+    pixels = preprocess(piece, preprocessor)
+    with torch.no_grad():
+        published = encode_image_reference(folder, pixels, position_grid="tgt").numpy()
+    cosine = (ours * published).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(published, axis=-1)
+    assert 0.99 < cosine.min() < 0.99999
