@@ -18,6 +18,17 @@ from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import Min
 REFERENCE = MiniCPMV4_6ImageProcessorPil()
 HALF_PATCH = 3.5  # x4 merge = 14-pixel alignment
 MARKER = "(<image>./</image>)"
+# The conversations the layout and parity tests run, each over two images.
+CHATS = {
+    "single image": lambda a, b: [{"role": "user", "content": [a, "What is in the image?"]}],
+    "sliced image": lambda a, b: [{"role": "user", "content": [b, "Read the document."]}],
+    "two images": lambda a, b: [{"role": "user", "content": [a, b, "Compare them."]}],
+    "two turns": lambda a, b: [{"role": "user", "content": [a, "Describe it."]},
+                               {"role": "assistant", "content": "A picture."},
+                               {"role": "user", "content": [b, "And this one?"]}],
+    "few-shot": lambda a, b: [{"role": "user", "content": [a, "Label?"]}, {"role": "assistant", "content": "cat"},
+                              {"role": "user", "content": [b, "Label?"]}],
+}
 
 
 def reference_geometry(size: tuple[int, int], max_slice_nums: int) -> tuple[tuple, tuple | None, tuple | None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from official import official_prompt_ids, random_image, reference_geometry
+from official import CHATS, official_prompt_ids, random_image, reference_geometry
 
 from minicpmv_edge.runtime import load
 from minicpmv_edge.runtime.slicing import cut, plan_slices
@@ -36,15 +36,6 @@ def models(converted):  # noqa: ANN001, ANN201
         model.close()
 
 
-CHATS = {
-    "one image": lambda a, b: [{"role": "user", "content": [a, "What is in the image?"]}],
-    "two images": lambda a, b: [{"role": "user", "content": [a, b, "Compare the two images."]}],
-    "two turns": lambda a, b: [{"role": "user", "content": [a, "Describe it."]},
-                               {"role": "assistant", "content": "A picture."},
-                               {"role": "user", "content": [b, "And this one?"]}],
-    "few-shot": lambda a, b: [{"role": "user", "content": [a, "Label?"]}, {"role": "assistant", "content": "cat"},
-                              {"role": "user", "content": [b, "Label?"]}],
-}
 
 
 @pytest.mark.parametrize("max_slice_nums", [9, 16])

@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from official import official_prompt_ids, random_image, reference_pieces
+from official import CHATS, official_prompt_ids, random_image, reference_pieces
 from reference import encode_image_reference, language_model
 
 from minicpmv_edge.runtime import load
@@ -26,16 +26,6 @@ from minicpmv_edge.runtime import load
 STEPS = 32
 LOGIT_TOLERANCE = 0.05  # llama.cpp keeps the KV cache in F16; over ~600 positions logits drift ~1e-2
 TIE = 2e-3  # a top-2 gap this small is float noise: either token is the argmax
-CHATS = {
-    "single image": lambda a, b: [{"role": "user", "content": [a, "What is in the image?"]}],
-    "sliced image": lambda a, b: [{"role": "user", "content": [b, "Read the document."]}],
-    "two images": lambda a, b: [{"role": "user", "content": [a, b, "Compare them."]}],
-    "two turns": lambda a, b: [{"role": "user", "content": [a, "Describe it."]},
-                               {"role": "assistant", "content": "A picture."},
-                               {"role": "user", "content": [b, "And this one?"]}],
-    "few-shot": lambda a, b: [{"role": "user", "content": [a, "Label?"]}, {"role": "assistant", "content": "cat"},
-                              {"role": "user", "content": [b, "Label?"]}],
-}
 
 
 def preprocess(piece, preprocessor: dict) -> torch.Tensor:  # noqa: ANN001
