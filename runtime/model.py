@@ -29,7 +29,7 @@ from .slicing import DEFAULT_MAX_SLICE_NUMS, cut, frame_for, layout_parts, plan_
 from .vision import VisionTower
 
 DEFAULT_CONTEXT = 4096
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 # Stands for an image while the chat template renders; no tokenizer or user text produces it.
 IMAGE_SENTINEL = "\x00minicpmv-edge-image\x00"
 
@@ -57,6 +57,14 @@ class ChatAnswer:
 
     def __str__(self) -> str:
         return self.text
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a thinking-mode output: what precedes </think> is the reasoning."""
+    if THINK_END not in text:
+        return "", text
+    reasoning, answer = text.split(THINK_END, 1)
+    return reasoning.replace(THINK_START, "").strip(), answer
 
 
 def _peak_rss_mb() -> float:
@@ -210,11 +218,7 @@ class Model:
         for record in records:
             pieces.append(record.text)
             last = record
-        text = "".join(pieces)
-        reasoning = ""
-        if THINK_END in text:
-            reasoning, text = text.split(THINK_END, 1)
-            reasoning = reasoning.replace("<think>", "").strip()
+        reasoning, text = split_reasoning("".join(pieces))
         timings = {} if last is None else {
             "image_encode_ms": last.image_encode_ms, "prompt_tokens": last.prompt_tokens,
             "prefill_tokens_per_s": last.prefill_tokens_per_s, "generation_tokens": last.generation_tokens,

@@ -124,3 +124,30 @@ def test_cli_missing_model_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "should hold one model GGUF" in proc.stderr
     proc = run_cli("info", str(tmp_path / "none.gguf"))
     assert proc.returncode == 1 and "not a readable GGUF" in proc.stderr
+
+
+def test_thinking_switch_follows_the_template(model) -> None:
+    from minicpmv_edge.runtime.model import split_reasoning
+
+    msgs = [{"role": "user", "content": "Why is the sky blue?"}]
+    off = model.engine.tokenize(model.template.render(messages=msgs, add_generation_prompt=True,
+                                                      enable_thinking=False))
+    items_off, _ = model.prepare(msgs, enable_thinking=False)
+    items_on, _ = model.prepare(msgs, enable_thinking=True)
+    assert items_off == off and items_on != items_off
+    assert items_off[-len(model.engine.tokenize("<think>\n\n</think>\n\n")):] == \
+        model.engine.tokenize("<think>\n\n</think>\n\n")
+    assert split_reasoning("<think>\nRayleigh scattering.\n</think>\n\nBlue light scatters more.") == (
+        "Rayleigh scattering.", "\n\nBlue light scatters more.")
+    assert split_reasoning("No thinking here.") == ("", "No thinking here.")
+
+
+def test_cli_chat_session(model_dir: Path, tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    picture().save(image)
+    script = f"/image {image}\nWhat is this?\n/think on\nAnd now?\n/reset\n/image {tmp_path}/nope.png\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "minicpmv_edge.cli.main", "chat", str(model_dir), "-n", "4"],
+                          input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 image(s) attached" in proc.stderr and "thinking on" in proc.stderr
+    assert "image not found" in proc.stderr
