@@ -39,11 +39,11 @@ def bench_image() -> bytes:
     return out.getvalue()
 
 
-def run_ours(model_dir: Path, max_new_tokens: int, n_ctx: int) -> dict:
+def run_ours(model_dir: Path, max_new_tokens: int, n_ctx: int, repack: bool = False) -> dict:
     from minicpmv_edge.runtime import load
 
     started = time.perf_counter()
-    model = load(model_dir, n_ctx=n_ctx)
+    model = load(model_dir, n_ctx=n_ctx, repack=repack)
     loaded = time.perf_counter()
     msgs = [{"role": "user", "content": [bench_image(), QUESTION]}]
     first = last = None
@@ -91,7 +91,8 @@ def run_mtmd_cli(model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str) -> 
 
 
 def child(engine: str, model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str | None) -> dict:
-    runner = {"ours": run_ours, "llama-cpp-python chat handler": run_peer}
+    runner = {"ours": run_ours, "llama-cpp-python chat handler": run_peer,
+              "ours, weight repacking on": lambda *a: run_ours(*a, repack=True)}
     result = (run_mtmd_cli(model_dir, max_new_tokens, n_ctx, cli) if engine == "llama-mtmd-cli"
               else runner[engine](model_dir, max_new_tokens, n_ctx))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="benchmark the demo's tiny model")
     parser.add_argument("--label", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--mtmd-cli", help="path to a llama-mtmd-cli binary to time as well")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +135,8 @@ def main() -> None:
         print(json.dumps(child(args.child, args.model_dir, args.max_new_tokens, args.n_ctx, args.mtmd_cli)))
         return
 
-    engines = ["ours", "llama-cpp-python chat handler"] + (["llama-mtmd-cli"] if args.mtmd_cli else [])
+    engines = ["ours", "ours, weight repacking on", "llama-cpp-python chat handler"]
+    engines += ["llama-mtmd-cli"] if args.mtmd_cli else []
     results = {}
     for engine in engines:
         command = [sys.executable, __file__, "--model-dir", str(args.model_dir), "--child", engine,

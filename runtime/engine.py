@@ -149,6 +149,12 @@ class Engine:
                 on_logits(start, rows.copy())
         return needed - common
 
+    def reserve(self, positions: int) -> None:
+        """Grow the context before a prompt and its answer need it, so it is not rebuilt mid-answer."""
+        limit = llama_cpp.llama_model_n_ctx_train(self.model)
+        if positions >= self.n_ctx and self.n_ctx < limit:
+            self._grow(min(positions, limit - 1))
+
     def _grow(self, needed: int) -> None:
         limit = llama_cpp.llama_model_n_ctx_train(self.model)
         if needed >= limit:

@@ -28,7 +28,8 @@ from .info import describe_gguf
 from .slicing import DEFAULT_MAX_SLICE_NUMS, cut, frame_for, layout_parts, plan_slices
 from .vision import VisionTower
 
-DEFAULT_CONTEXT = 4096
+# A 1344x1344 page with 9 slices is ~700 positions; contexts grow (doubling) when a chat needs more.
+DEFAULT_CONTEXT = 2048
 THINK_START, THINK_END = "<think>", "</think>"
 # Stands for an image while the chat template renders; no tokenizer or user text produces it.
 IMAGE_SENTINEL = "\x00minicpmv-edge-image\x00"
@@ -180,6 +181,7 @@ class Model:
                         use_image_id: bool | None = None) -> Iterator[GenerationResponse]:
         items, encode_ms = self.prepare(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
                                         max_slice_nums=max_slice_nums, use_image_id=use_image_id)
+        self.engine.reserve(len(items) + max_new_tokens)
         started = time.perf_counter()
         decoded = self.engine.feed(items, self._embeddings)
         prefill_s = time.perf_counter() - started
