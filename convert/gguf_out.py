@@ -45,7 +45,7 @@ class GgufPlan:
 
 
 def prefetched(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
-    """Read and convert the next row blocks on a helper thread while the current one quantizes: numpy's
+    """Read and convert the next row blocks on a helper thread while the current one quantizes: ggml's
     bf16 -> f32 conversion and the page-ins release the GIL, so the cores do not wait for them."""
     queue: Queue = Queue(maxsize=depth)
     done = object()

@@ -78,6 +78,9 @@ class Engine:
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_threads = params.n_threads_batch = self.n_threads
+        # Measured on the full-size 4.5 Q4_K_M, 2 AVX2 cores: flash attention off decodes 8% and prefills 9%
+        # faster (3.12 vs 2.88 tok/s, 10.6 vs 9.7 tok/s).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise EngineError(f"cannot create a llama.cpp context of {n_ctx} tokens")

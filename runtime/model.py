@@ -9,6 +9,7 @@ prefix between calls, so a follow-up turn re-encodes and re-decodes nothing of t
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 import resource
 import time
@@ -103,10 +104,10 @@ class Model:
         self.template = env.from_string(template.decode())
         bos = llama_cpp.llama_vocab_bos(self.engine.vocab)
         self.bos = self.engine.piece(bos, special=True).decode(errors="ignore")
-        self._embeddings: dict[tuple[str, int], np.ndarray] = {}
+        self._embeddings: dict[tuple[str, int, int], np.ndarray] = {}  # (digest, max_slice_nums, piece)
 
     def _meta(self, key: str) -> str | None:
-        buf = llama_cpp.ctypes.create_string_buffer(256)
+        buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_model_meta_val_str(self.engine.model, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else None
 
