@@ -205,6 +205,78 @@ def chat(
 
 @app.command()
 @one_line_errors
+def ocr(
+    args: list[str] = typer.Argument(..., help="MODEL (folder, or model GGUF + mmproj GGUF) then inputs: "
+                                               "images, folders, globs, PDFs, or - for paths on stdin"),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL file of page records (appended, resumable)"),
+    text_dir: Optional[Path] = typer.Option(None, "--text-dir", help="Also write a .txt/.md file per page here"),
+    mode: str = typer.Option("text", "--mode", help="text or markdown"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the mode's"),
+    include: list[str] = typer.Option(["*"], "--include", help="Glob for files inside folders (repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="Glob of files to skip (repeatable)"),
+    pages: Optional[str] = typer.Option(None, "--pages", help="PDF page ranges, e.g. 1-3,7"),
+    dpi: int = typer.Option(150, "--dpi", help="PDF rendering resolution"),
+    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", help="Slices per page (dense pages: more)"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "-n"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Process pages that failed before again"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
+) -> None:
+    """OCR pages with one model load; reruns skip finished pages, and each page is written exactly once."""
+    import time
+
+    from minicpmv_edge.runtime.jobstore import JobStore
+    from minicpmv_edge.runtime.ocr import OcrInputError, OcrOptions, PROMPTS, iter_pages, parse_page_ranges, run_ocr
+
+    if mode not in PROMPTS:
+        raise typer.BadParameter(f"--mode is one of {', '.join(PROMPTS)}")
+    two_files = len(args) > 2 and all(a.endswith(".gguf") for a in args[:2])
+    model_args, inputs = (args[:2], args[2:]) if two_files else (args[:1], args[1:])
+    if "-" in inputs:
+        inputs = [i for i in inputs if i != "-"] + [line.strip() for line in sys.stdin if line.strip()]
+    try:
+        refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=parse_page_ranges(pages)))
+    except OcrInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if not refs:
+        print("error: the inputs hold no pages", file=sys.stderr)
+        raise typer.Exit(1)
+    options = OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
+                         dpi=dpi)
+    model = _load(model_args)
+    store = JobStore(output.with_name(output.name + ".sqlite"), output)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    started = time.perf_counter()
+    columns = (TextColumn("ocr"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, disable=quiet or as_json) as bar:
+            task = bar.add_task("ocr", total=len(refs), rate="")
+            for result in run_ocr(model, refs, store, options, model_id=model.identity, retry_failed=retry_failed,
+                                  text_dir=text_dir):
+                counts[result.status] += 1
+                if result.status == "failed":
+                    console.print(f"[red]failed[/red] {result.ref.label}: {result.record['error']}", highlight=False)
+                minutes = (time.perf_counter() - started) / 60
+                bar.update(task, advance=1, rate=f"{counts['done'] / minutes:.1f} pages/min" if minutes else "")
+    finally:
+        store.close()
+        model.close()
+    minutes = (time.perf_counter() - started) / 60
+    summary = {**counts, "pages_per_min": round(counts["done"] / minutes, 2) if minutes else 0.0,
+               "output": str(output)}
+    if as_json:
+        print(json.dumps(summary))
+    elif not quiet:
+        console.print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}, "
+                      f"{summary['pages_per_min']} pages/min -> {output}")
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@one_line_errors
 def info(path: Path = typer.Argument(..., help="A GGUF file")) -> None:
     """Family, tensor types, sizes and metadata of a GGUF file."""
     from minicpmv_edge.runtime.info import describe_gguf

@@ -86,6 +86,8 @@ def find_pair(folder: Path) -> tuple[Path, Path]:
 
 class Model:
     def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool):
+        # Names the model in batch-job keys and records: a different file means different answers.
+        self.identity = f"{model_path.name}:{model_path.stat().st_size}+{mmproj_path.name}:{mmproj_path.stat().st_size}"
         self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
         self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
         projector = describe_gguf(mmproj_path)["metadata"]

@@ -1,0 +1,191 @@
+"""Batch OCR over images, folders, globs and PDFs with one model load, resumable and exactly-once.
+
+`iter_pages` expands the inputs into pages (a PDF page rendered at the chosen DPI with pypdfium2);
+`run_ocr` asks the model about each page with greedy decoding (so a rerun gives the same text), records
+each result in the job store before it reaches the JSONL, isolates per-page failures, and yields one
+`PageResult` per page for the caller's progress display."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from PIL import Image
+
+from .engine import EngineError
+from .images import ImageInputError, load_image
+from .jobstore import JobStore
+from .model import Model
+
+PROMPTS = {
+    "text": "Extract all the text in this image, in reading order. Output only the text.",
+    "markdown": "Convert this page to Markdown: keep headings, lists and paragraphs, and write tables as "
+                "Markdown tables. Output only the Markdown.",
+}
+PDF_SUFFIX = ".pdf"
+
+
+class OcrInputError(ValueError):
+    """An OCR input that names nothing (no such path, or a glob that matches no file)."""
+
+
+@dataclass(frozen=True)
+class PageRef:
+    source: str
+    page: int  # 1-based; 1 for an image file
+    is_pdf: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}#{self.page}" if self.is_pdf else self.source
+
+
+@dataclass
+class PageResult:
+    ref: PageRef
+    status: str  # done | failed | skipped (done in an earlier run)
+    record: dict = field(default_factory=dict)
+
+
+@dataclass
+class OcrOptions:
+    mode: str = "text"
+    prompt: str | None = None
+    max_new_tokens: int = 1024
+    max_slice_nums: int | None = None
+    dpi: int = 150
+
+    @property
+    def question(self) -> str:
+        return self.prompt or PROMPTS[self.mode]
+
+
+def parse_page_ranges(spec: str | None) -> set[int] | None:
+    """'1-3,5' -> {1, 2, 3, 5}; None means every page."""
+    if not spec:
+        return None
+    pages: set[int] = set()
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            pages.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise OcrInputError(f"page ranges look like 1-3,5; got {spec!r}") from None
+    return pages
+
+
+def _files(inputs: Iterable[str], include: Sequence[str], exclude: Sequence[str]) -> Iterator[Path]:
+    def wanted(path: Path) -> bool:
+        name = path.name
+        return any(fnmatch.fnmatch(name, p) for p in include) and not any(fnmatch.fnmatch(name, p) for p in exclude)
+
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            yield from (p for p in sorted(path.rglob("*")) if p.is_file() and wanted(p))
+        elif path.exists():
+            yield path
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise OcrInputError(f"the pattern {item} matches no file")
+            yield from (p for p in matches if p.is_file() and wanted(p))
+        else:
+            raise OcrInputError(f"no such file or folder: {item}")
+
+
+def iter_pages(inputs: Iterable[str], *, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+               pages: set[int] | None = None) -> Iterator[PageRef]:
+    """Pages of the inputs in order. A PDF that cannot be opened yields page 0, which then fails with
+    the reason; page ranges apply to PDFs."""
+    import pypdfium2
+
+    for path in _files(inputs, include, exclude):
+        if path.suffix.lower() != PDF_SUFFIX:
+            yield PageRef(str(path), 1)
+            continue
+        try:
+            count = len(pypdfium2.PdfDocument(str(path)))
+        except pypdfium2.PdfiumError:
+            yield PageRef(str(path), 0, is_pdf=True)
+            continue
+        yield from (PageRef(str(path), n, is_pdf=True) for n in range(1, count + 1) if pages is None or n in pages)
+
+
+def _content_hash(ref: PageRef, dpi: int) -> str:
+    digest = hashlib.sha256(Path(ref.source).read_bytes()).hexdigest()
+    return f"{digest}:p{ref.page}:dpi{dpi}" if ref.is_pdf else digest
+
+
+def _render(ref: PageRef, dpi: int) -> Image.Image:
+    if not ref.is_pdf:
+        return load_image(ref.source)
+    import pypdfium2
+
+    try:
+        document = pypdfium2.PdfDocument(ref.source)
+        if not 1 <= ref.page <= len(document):
+            raise ImageInputError(f"{ref.source} cannot be opened as a PDF" if ref.page == 0
+                                  else f"{ref.source} has no page {ref.page}")
+        return document[ref.page - 1].render(scale=dpi / 72).to_pil().convert("RGB")
+    except pypdfium2.PdfiumError as e:
+        raise ImageInputError(f"cannot render page {ref.page} of {ref.source}: {e}") from None
+
+
+def job_key(content_hash: str, model_id: str, options: OcrOptions) -> str:
+    identity = json.dumps([content_hash, model_id, options.question, options.max_new_tokens,
+                           options.max_slice_nums, options.dpi])
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: OcrOptions, *, model_id: str,
+            retry_failed: bool = False, text_dir: Path | None = None) -> Iterator[PageResult]:
+    """OCR every page not done yet; yields one result per page (skipped pages included)."""
+    work = []
+    for ref in refs:
+        try:
+            key = job_key(_content_hash(ref, options.dpi), model_id, options)
+        except OSError as e:
+            key = job_key(f"unreadable:{ref.label}:{e}", model_id, options)
+        work.append((ref, key))
+    store.reconcile(retry=store.failed_keys() if retry_failed else ())
+    for ref, key in work:
+        finished = store.lookup(key)
+        if finished and (finished[0] == "done" or not retry_failed):
+            # A page that failed before stays failed (and counts as such) until --retry-failed.
+            yield PageResult(ref, "skipped" if finished[0] == "done" else "failed", finished[1])
+            continue
+        record = {"key": key, "source": ref.source, "page": ref.page, "model": model_id, "mode": options.mode,
+                  "prompt": options.question, "max_slice_nums": options.max_slice_nums or model.max_slice_nums,
+                  "dpi": options.dpi if ref.is_pdf else None}
+        started = time.perf_counter()
+        try:
+            image = _render(ref, options.dpi)
+            record["content_hash"] = _content_hash(ref, options.dpi)
+            answer = model.chat([{"role": "user", "content": [image, options.question]}],
+                                max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums)
+            record.update(text=answer.text, timings=answer.timings, error=None)
+            status = "done"
+        except (ImageInputError, EngineError, OSError) as e:
+            record.update(text=None, error=" ".join(str(e).split()))
+            status = "failed"
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        if status == "done" and text_dir is not None:
+            _write_text(text_dir, ref, record["text"], options.mode)
+        store.finish(key, ref.source, ref.page, status, record)
+        yield PageResult(ref, status, record)
+
+
+def _write_text(folder: Path, ref: PageRef, text: str, mode: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(ref.source).stem + (f"-p{ref.page:04d}" if ref.is_pdf else "")
+    target = folder / f"{stem}.{'md' if mode == 'markdown' else 'txt'}"
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    partial.replace(target)

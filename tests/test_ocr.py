@@ -1,0 +1,127 @@
+"""Batch OCR on the tiny model: folders, globs, a generated multi-page PDF, a corrupt file; SIGKILL mid-run and
+resume, then every page appears exactly once with the same text as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from minicpmv_edge.runtime.jobstore import JobStore
+from minicpmv_edge.runtime.ocr import OcrInputError, iter_pages, parse_page_ranges
+
+N_IMAGES, N_PDF_PAGES = 8, 5
+
+
+def page_image(seed: int) -> Image.Image:
+    image = Image.new("RGB", (420, 300), (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    rng = np.random.default_rng(seed)
+    for line in range(8):
+        draw.text((20, 20 + 32 * line), " ".join(f"w{rng.integers(1000)}" for _ in range(6)), fill=(0, 0, 0))
+    return image
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scans")
+    (root / "nested").mkdir()
+    for i in range(N_IMAGES):
+        page_image(i).save(root / ("nested" if i % 2 else ".") / f"scan{i:02d}.png")
+    page_image(100).save(root / "skip-me.png")
+    first, *rest = [page_image(200 + i) for i in range(N_PDF_PAGES)]
+    first.save(root / "report.pdf", save_all=True, append_images=rest)
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    (root / "corrupt.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(converted) -> Path:  # noqa: ANN001
+    return converted("minicpm-v-4.5", "q8_0").llm_path.parent
+
+
+def ocr(model_dir: Path, corpus: Path, output: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "minicpmv_edge.cli.main", "ocr", str(model_dir), str(corpus),
+                             "-o", str(output), "--exclude", "skip-*", "-n", "24", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_pages_are_enumerated(corpus: Path) -> None:
+    refs = list(iter_pages([str(corpus)], exclude=["skip-*"]))
+    assert len(refs) == N_IMAGES + N_PDF_PAGES + 2  # + broken.pdf (page 0) + corrupt.png
+    assert [r.page for r in refs if r.source.endswith("report.pdf")] == list(range(1, N_PDF_PAGES + 1))
+    assert len(list(iter_pages([str(corpus / "*.pdf")], pages=parse_page_ranges("2-3")))) == 2 + 1
+    with pytest.raises(OcrInputError):
+        list(iter_pages([str(corpus / "nothing-*.png")]))
+    with pytest.raises(OcrInputError):
+        parse_page_ranges("2-x")
+
+
+def test_kill_and_resume_is_exactly_once(model_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference.jsonl"
+    proc = ocr(model_dir, corpus, reference, "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err  # the broken PDF and the corrupt image fail, the batch goes on
+    summary = json.loads(out)
+    assert summary["done"] == N_IMAGES + N_PDF_PAGES and summary["failed"] == 2
+    expected = {(r["source"], r["page"]): r for r in records(reference)}
+    assert len(expected) == N_IMAGES + N_PDF_PAGES + 2
+    assert all(r["error"] for r in expected.values() if r["text"] is None)
+
+    killed = tmp_path / "killed.jsonl"
+    for kills in range(3):  # kill at three different moments
+        proc = ocr(model_dir, corpus, killed)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if killed.exists() and len(killed.read_text().splitlines()) > 3 * kills + 1:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc = ocr(model_dir, corpus, killed)
+    proc.communicate(timeout=600)
+    got = records(killed)
+    keys = [(r["source"], r["page"]) for r in got]
+    assert len(keys) == len(set(keys)) == len(expected)
+    for record in got:
+        assert record["text"] == expected[(record["source"], record["page"])]["text"]
+
+    rerun = ocr(model_dir, corpus, killed, "--json")
+    out, _ = rerun.communicate(timeout=600)
+    assert json.loads(out)["skipped"] == N_IMAGES + N_PDF_PAGES and len(records(killed)) == len(expected)
+
+
+def test_retry_failed_reprocesses_and_keeps_one_record(model_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    assert ocr(model_dir, corpus / "corrupt.png", output).wait(timeout=300) == 1
+    [first] = records(output)
+    proc = ocr(model_dir, corpus / "corrupt.png", output, "--retry-failed", "--json")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and json.loads(out)["failed"] == 1
+    [again] = records(output)  # reprocessed (still corrupt), and its old record replaced, not duplicated
+    assert again["key"] == first["key"] and again["error"]
+    assert ocr(model_dir, corpus / "corrupt.png", output).wait(timeout=300) == 1  # still failed: non-zero
+
+
+def test_jobstore_drops_a_half_written_line_and_appends_what_is_missing(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite", tmp_path / "out.jsonl")
+    store.finish("a", "x.png", 1, "done", {"key": "a", "text": "A"})
+    store.db.execute("INSERT INTO pages VALUES ('b', 'y.png', 1, 'done', ?, 0, 0)", (json.dumps({"key": "b"}),))
+    with open(tmp_path / "out.jsonl", "a") as f:
+        f.write('{"key": "b", "te')  # killed mid-append
+    store.reconcile()
+    assert [json.loads(line)["key"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a", "b"]
+    store.close()
