@@ -32,10 +32,11 @@ def one_line_errors(command: F) -> F:
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         from minicpmv_edge.convert import ConversionError
         from minicpmv_edge.runtime import EngineError, ImageInputError, VisionError
+        from minicpmv_edge.runtime.ocr import OcrInputError
 
         try:
             return command(*args, **kwargs)
-        except (ConversionError, EngineError, VisionError, ImageInputError) as e:
+        except (ConversionError, EngineError, VisionError, ImageInputError, OcrInputError) as e:
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -234,14 +235,9 @@ def ocr(
     model_args, inputs = (args[:2], args[2:]) if two_files else (args[:1], args[1:])
     if "-" in inputs:
         inputs = [i for i in inputs if i != "-"] + [line.strip() for line in sys.stdin if line.strip()]
-    try:
-        refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=parse_page_ranges(pages)))
-    except OcrInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
+    refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=parse_page_ranges(pages)))
     if not refs:
-        print("error: the inputs hold no pages", file=sys.stderr)
-        raise typer.Exit(1)
+        raise OcrInputError("the inputs hold no pages")
     options = OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
                          dpi=dpi)
     model = _load(model_args)

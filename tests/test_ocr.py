@@ -125,3 +125,11 @@ def test_jobstore_drops_a_half_written_line_and_appends_what_is_missing(tmp_path
     store.reconcile()
     assert [json.loads(line)["key"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a", "b"]
     store.close()
+
+
+def test_cli_bad_inputs_are_one_line(model_dir: Path, tmp_path: Path) -> None:
+    for args, needle in [([str(tmp_path / "missing")], "no such file"), ([str(tmp_path / "*.png")], "matches no"),
+                         ([str(tmp_path), "--pages", "x"], "page ranges")]:
+        proc = ocr(model_dir, Path(args[0]), tmp_path / "o.jsonl", *args[1:])
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and needle in err and err.strip().count("\n") == 0, err
