@@ -85,7 +85,9 @@ def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4
 
     out = Path(outdir).expanduser()
     _prepare_outdir(out)
-    finals = output_paths(out, folder.resolve().name, chosen)
+    # A hub download lives in a snapshot folder named by commit hash: name the files after the repo instead.
+    local = Path(str(source)).expanduser().exists()
+    finals = output_paths(out, folder.resolve().name if local else str(source).rsplit("/", 1)[-1], chosen)
     check_free_space(out, sum(plan.nbytes for plan in plans))
 
     total = sum(value_count(plan.tensors) for plan in plans)
