@@ -220,12 +220,16 @@ def ocr(
     max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", help="Slices per page (dense pages: more)"),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "-n"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Process pages that failed before again"),
+    cache_dir: Optional[Path] = typer.Option(None, "--embedding-cache", help="Keep image embeddings here between "
+                                             "runs (reruns with another prompt skip the vision tower)"),
+    cache_gb: float = typer.Option(2.0, "--embedding-cache-gb", help="Size bound of the embedding cache"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
 ) -> None:
     """OCR pages with one model load; reruns skip finished pages, and each page is written exactly once."""
     import time
 
+    from minicpmv_edge.runtime.embedding_cache import EmbeddingCache
     from minicpmv_edge.runtime.jobstore import JobStore
     from minicpmv_edge.runtime.ocr import OcrInputError, OcrOptions, PROMPTS, iter_pages, parse_page_ranges, run_ocr
 
@@ -241,6 +245,8 @@ def ocr(
     options = OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
                          dpi=dpi)
     model = _load(model_args)
+    if cache_dir is not None:
+        model.disk_cache = EmbeddingCache(cache_dir, model.identity, max_bytes=int(cache_gb * 2**30))
     store = JobStore(output.with_name(output.name + ".sqlite"), output)
     counts = {"done": 0, "skipped": 0, "failed": 0}
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .engine import Engine, EngineError, Sampling
 from .clip_encoder import PieceEncoder
+from .embedding_cache import EmbeddingCache
 from .images import image_digest, load_image
 from .info import describe_gguf
 from .slicing import DEFAULT_MAX_SLICE_NUMS, cut, frame_for, layout_parts, plan_slices
@@ -107,6 +108,7 @@ class Model:
         bos = llama_cpp.llama_vocab_bos(self.engine.vocab)
         self.bos = self.engine.piece(bos, special=True).decode(errors="ignore")
         self._embeddings: dict[tuple[str, int, int], np.ndarray] = {}  # (digest, max_slice_nums, piece)
+        self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -168,11 +170,17 @@ class Model:
                     items.extend(self.engine.tokenize(part))
                     continue
                 key = (digest, slices, part)
+                if key not in self._embeddings and self.disk_cache is not None:
+                    cached = self.disk_cache.get(key)
+                    if cached is not None:
+                        self._embeddings[key] = cached
                 if key not in self._embeddings:
                     pieces = pieces or cut(image, layout)
                     started = time.perf_counter()
                     self._embeddings[key] = self.pieces.encode(pieces[part])
                     encode_s += time.perf_counter() - started
+                    if self.disk_cache is not None:
+                        self.disk_cache.put(key, self._embeddings[key])
                 items.extend((key, row) for row in range(self._embeddings[key].shape[0]))
         return items, encode_s * 1000
 

@@ -133,3 +133,26 @@ def test_cli_bad_inputs_are_one_line(model_dir: Path, tmp_path: Path) -> None:
         proc = ocr(model_dir, Path(args[0]), tmp_path / "o.jsonl", *args[1:])
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1 and needle in err and err.strip().count("\n") == 0, err
+
+
+def test_embedding_cache_skips_the_vision_tower_on_a_rerun(model_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first, second = tmp_path / "text.jsonl", tmp_path / "markdown.jsonl"
+    pages = [str(corpus / "scan00.png"), str(corpus / "report.pdf")]
+    common = ["--embedding-cache", str(cache), "--pages", "1-2"]
+    assert ocr(model_dir, Path(pages[0]), first, pages[1], *common).wait(timeout=300) == 0
+    assert ocr(model_dir, Path(pages[0]), second, pages[1], "--mode", "markdown", *common).wait(timeout=300) == 0
+    assert all(r["timings"]["image_encode_ms"] > 0 for r in records(first))
+    assert all(r["timings"]["image_encode_ms"] == 0 for r in records(second))
+    assert len(list(cache.glob("*.npy"))) >= 3  # one or more pieces per page
+
+
+def test_embedding_cache_is_bounded(tmp_path: Path) -> None:
+    from minicpmv_edge.runtime.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, "model", max_bytes=3 * (64 * 16 * 4 + 128))
+    for i in range(6):
+        cache.put(("image", 9, i), np.full((64, 16), i, dtype=np.float32))
+        time.sleep(0.01)
+    assert cache.get(("image", 9, 0)) is None and cache.get(("image", 9, 5))[0, 0] == 5
+    assert len(list(tmp_path.glob("*.npy"))) == 3
