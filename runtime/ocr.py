@@ -118,8 +118,11 @@ def iter_pages(inputs: Iterable[str], *, include: Sequence[str] = ("*",), exclud
         yield from (PageRef(str(path), n, is_pdf=True) for n in range(1, count + 1) if pages is None or n in pages)
 
 
-def _content_hash(ref: PageRef, dpi: int) -> str:
-    digest = hashlib.sha256(Path(ref.source).read_bytes()).hexdigest()
+def _content_hash(ref: PageRef, dpi: int, file_digests: dict[str, str]) -> str:
+    """The file's sha256 (computed once per file: a PDF's pages share it) plus, for a PDF, page and DPI."""
+    if ref.source not in file_digests:
+        file_digests[ref.source] = hashlib.sha256(Path(ref.source).read_bytes()).hexdigest()
+    digest = file_digests[ref.source]
     return f"{digest}:p{ref.page}:dpi{dpi}" if ref.is_pdf else digest
 
 
@@ -148,26 +151,27 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
             retry_failed: bool = False, text_dir: Path | None = None) -> Iterator[PageResult]:
     """OCR every page not done yet; yields one result per page (skipped pages included)."""
     work = []
+    file_digests: dict[str, str] = {}
     for ref in refs:
         try:
-            key = job_key(_content_hash(ref, options.dpi), model_id, options)
+            content_hash = _content_hash(ref, options.dpi, file_digests)
         except OSError as e:
-            key = job_key(f"unreadable:{ref.label}:{e}", model_id, options)
-        work.append((ref, key))
+            content_hash = f"unreadable:{ref.label}:{e}"
+        work.append((ref, content_hash, job_key(content_hash, model_id, options)))
     store.reconcile(retry=store.failed_keys() if retry_failed else ())
-    for ref, key in work:
+    for ref, content_hash, key in work:
         finished = store.lookup(key)
         if finished and (finished[0] == "done" or not retry_failed):
             # A page that failed before stays failed (and counts as such) until --retry-failed.
             yield PageResult(ref, "skipped" if finished[0] == "done" else "failed", finished[1])
             continue
-        record = {"key": key, "source": ref.source, "page": ref.page, "model": model_id, "mode": options.mode,
+        record = {"key": key, "source": ref.source, "page": ref.page, "content_hash": content_hash,
+                  "model": model_id, "mode": options.mode,
                   "prompt": options.question, "max_slice_nums": options.max_slice_nums or model.max_slice_nums,
                   "dpi": options.dpi if ref.is_pdf else None}
         started = time.perf_counter()
         try:
             image = _render(ref, options.dpi)
-            record["content_hash"] = _content_hash(ref, options.dpi)
             answer = model.chat([{"role": "user", "content": [image, options.question]}],
                                 max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums)
             record.update(text=answer.text, timings=answer.timings, error=None)
