@@ -3,7 +3,7 @@ names and metadata llama.cpp's clip.cpp reads for PROJECTOR_TYPE_MINICPMV (tools
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -39,12 +39,7 @@ def sincos_2d(embed_dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
-def _preprocessor(checkpoint: Checkpoint) -> dict[str, Any]:
-    return checkpoint.json_file("preprocessor_config.json") or {}
-
-
-def _source_tensors(checkpoint: Checkpoint, family: Family
-                    ) -> list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]]:
+def _source_tensors(checkpoint: Checkpoint) -> list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]]:
     config = checkpoint.config
     vision = require(config, "vision_config")
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, int(require(vision, "num_hidden_layers")))
@@ -84,9 +79,9 @@ def _source_tensors(checkpoint: Checkpoint, family: Family
 def plan_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan:
     config = checkpoint.config
     vision = require(config, "vision_config")
-    preprocessor = _preprocessor(checkpoint)
+    preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
     slice_config = config.get("slice_config") or {}
-    named = _source_tensors(checkpoint, family)
+    named = _source_tensors(checkpoint)
     missing = {"resampler.query", "resampler.kv.weight", "resampler.proj.weight", "v.patch_embd.weight"} - {
         name for name, _, _ in named}
     if missing:
