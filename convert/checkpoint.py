@@ -60,8 +60,9 @@ class Checkpoint:
                 self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[shard]
 
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or a block of its rows) as float32."""
+    def read(self, name: str, rows: slice | None = None, *, as_stored: bool = False) -> np.ndarray:
+        """Tensor `name` (or a block of its rows) as float32, or `as_stored` in its own dtype (packed int4
+        words must not pass through float32)."""
         ref = self.tensors[name]
         dtype = np.dtype(_NUMPY_DTYPES[ref.dtype])
         row_values = int(np.prod(ref.shape[1:])) if len(ref.shape) > 1 else 1
@@ -70,7 +71,9 @@ class Checkpoint:
         count = (last - first) * row_values
         mapped = self._map(ref.shard)
         view = np.frombuffer(mapped, dtype=dtype, count=count, offset=start)
-        if ref.dtype in ("BF16", "F16"):
+        if as_stored:
+            data = view.copy()
+        elif ref.dtype in ("BF16", "F16"):
             data = half_to_float32(view, ref.dtype)  # straight out of the map, no intermediate copy
         else:
             data = view.astype(np.float32)

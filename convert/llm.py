@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .families import Family
 from .gguf_out import GgufPlan, PlannedTensor
+from .int4 import PACKED_PARTS, dequantizer, packed_shape, quant_method
 from .llm_archs import LlmArch, llm_arch_for, permute_rotary, require, rope_factor_tensors, write_common_metadata
 from .presets import Preset, llm_tensor_types
 from .vocab import write_vocab
@@ -38,11 +39,13 @@ def _transform(arch: LlmArch, config: dict, gguf_name: str) -> Callable[[np.ndar
     return None
 
 
-def _source(checkpoint: Checkpoint, hf_name: str,
-            transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[], Iterator[np.ndarray]]:
-    if transform is None:
+def _source(checkpoint: Checkpoint, hf_name: str, transform: Callable[[np.ndarray], np.ndarray] | None,
+            load: Callable[[], np.ndarray] | None = None) -> Callable[[], Iterator[np.ndarray]]:
+    """Row blocks straight from the shard, or the whole tensor (loaded, e.g. dequantized) when it is transformed."""
+    if transform is None and load is None:
         return lambda: checkpoint.row_blocks(hf_name)
-    return lambda: iter([transform(checkpoint.read(hf_name))])
+    load = load or (lambda: checkpoint.read(hf_name))
+    return lambda: iter([transform(load()) if transform else load()])
 
 
 def _constant(values: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
@@ -64,16 +67,23 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     arch = llm_arch_for(config, family.llm)
     name_map = gguf.get_tensor_name_map(_arch_enum(arch.gguf_arch), n_layer)
 
+    quantized = quant_method(config)
     named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
     for hf_name, ref in checkpoint.tensors.items():
         if not hf_name.startswith(LLM_PREFIX) or hf_name.endswith(_IGNORED_SUFFIXES):
             continue
-        inner = hf_name[len(LLM_PREFIX):]
+        inner, shape, load = hf_name[len(LLM_PREFIX):], ref.shape, None
+        part = inner.rsplit(".", 1)[-1]
+        if quantized and part in PACKED_PARTS:
+            if part != "qweight":
+                continue  # read together with its qweight
+            base = hf_name[: -len(part)]
+            inner, shape = inner[: -len(part)] + "weight", packed_shape(quantized["quant_method"].lower(), shape)
+            load = dequantizer(quantized, lambda name: checkpoint.read(name, as_stored=True), base)
         gguf_name = name_map.get_name(inner, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {arch.gguf_arch} model")
-        source = _source(checkpoint, hf_name, _transform(arch, config, gguf_name))
-        named.append((gguf_name, ref.shape, source))
+        named.append((gguf_name, shape, _source(checkpoint, hf_name, _transform(arch, config, gguf_name), load)))
     for gguf_name, values in rope_factor_tensors(config).items():
         named.append((gguf_name, values.shape, _constant(values)))
     if not any(name == "token_embd.weight" for name, _, _ in named):

@@ -8,6 +8,8 @@ What was verified against published files and what is assumed: PUBLISHED.md besi
 
 from .factory import dims, make_checkpoint, plan_tensors
 from .families import FAMILIES, get_family
+from .int4 import make_int4_checkpoint
 from .tokenizer import build_tokenizer
 
-__all__ = ["FAMILIES", "make_checkpoint", "plan_tensors", "dims", "get_family", "build_tokenizer"]
+__all__ = ["FAMILIES", "make_checkpoint", "make_int4_checkpoint", "plan_tensors", "dims", "get_family",
+           "build_tokenizer"]
