@@ -50,8 +50,8 @@ def init_backend() -> None:
 
 
 class Engine:
-    """A llama.cpp model and context; `history` mirrors what the KV cache holds (token ids, or None for
-    positions filled by an image embedding tagged with its piece key)."""
+    """A llama.cpp model and context; `history` mirrors what the KV cache holds: token ids, and
+    (piece key, row) pairs for positions filled by a row of an image piece's embeddings."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 512, repack: bool = False):
         init_backend()
@@ -196,10 +196,6 @@ class Engine:
             llama_cpp.llama_batch_free(batch)
         self.history.extend(items[start:end])
         return end
-
-    def logits(self) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(llama_cpp.llama_vocab_n_tokens(self.vocab),)).copy()
 
     def sampler(self, sampling: Sampling) -> ctypes.c_void_p:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
