@@ -14,11 +14,11 @@ from .errors import ConversionError
 from .families import Family
 from .gguf_out import GgufPlan, PlannedTensor
 from .int4 import PACKED_PARTS, dequantizer, packed_shape, quant_method
-from .llm_archs import LlmArch, llm_arch_for, permute_rotary, require, rope_factor_tensors, write_common_metadata
+from .hparams import Transform, require
+from .llm_archs import llm_arch_for, rope_factor_tensors, write_common_metadata
 from .presets import Preset, llm_tensor_types
 from .vocab import write_vocab
 
-LLM_PREFIX = "llm."
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -27,19 +27,7 @@ def _arch_enum(name: str) -> gguf.MODEL_ARCH:
     return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
 
 
-def _transform(arch: LlmArch, config: dict, gguf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    if not arch.permute_qk:
-        return None
-    if gguf_name.endswith("attn_q.weight"):
-        n_head = int(config["num_attention_heads"])
-        return lambda w: permute_rotary(w, n_head)
-    if gguf_name.endswith("attn_k.weight"):
-        n_head_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-        return lambda w: permute_rotary(w, n_head_kv)
-    return None
-
-
-def _source(checkpoint: Checkpoint, hf_name: str, transform: Callable[[np.ndarray], np.ndarray] | None,
+def _source(checkpoint: Checkpoint, hf_name: str, transform: Transform | None,
             load: Callable[[], np.ndarray] | None = None) -> Callable[[], Iterator[np.ndarray]]:
     """Row blocks straight from the shard, or the whole tensor (loaded, e.g. dequantized) when it is transformed."""
     if transform is None and load is None:
@@ -61,7 +49,8 @@ def _file_order(name: str) -> tuple[int, str]:
 
 
 def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan:
-    config = checkpoint.config
+    layout = family.layout
+    config = layout.llm_config(checkpoint.config)
     n_layer = int(require(config, "num_hidden_layers"))
     n_vocab = int(require(config, "vocab_size"))
     arch = llm_arch_for(config, family.llm)
@@ -70,9 +59,10 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     quantized = quant_method(config)
     named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
     for hf_name, ref in checkpoint.tensors.items():
-        if not hf_name.startswith(LLM_PREFIX) or hf_name.endswith(_IGNORED_SUFFIXES):
+        if not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):
             continue
-        inner, shape, load = hf_name[len(LLM_PREFIX):], ref.shape, None
+        inner = arch.renamed(layout.llm_inner_prefix + hf_name[len(layout.llm_prefix):])
+        shape, load = ref.shape, None
         part = inner.rsplit(".", 1)[-1]
         if quantized and part in PACKED_PARTS:
             if part != "qweight":
@@ -83,19 +73,21 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
         gguf_name = name_map.get_name(inner, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {arch.gguf_arch} model")
-        named.append((gguf_name, shape, _source(checkpoint, hf_name, _transform(arch, config, gguf_name), load)))
+        shape, transform = arch.adapt(gguf_name, tuple(shape), config)
+        named.append((gguf_name, shape, _source(checkpoint, hf_name, transform, load)))
     for gguf_name, values in rope_factor_tensors(config).items():
         named.append((gguf_name, values.shape, _constant(values)))
     if not any(name == "token_embd.weight" for name, _, _ in named):
-        raise ConversionError("the checkpoint has no llm.model.embed_tokens.weight")
+        raise ConversionError(f"the checkpoint has no {layout.llm_prefix}model.embed_tokens.weight")
     named.sort(key=lambda item: _file_order(item[0]))
 
     types = llm_tensor_types([(name, shape) for name, shape, _ in named], preset, n_layer)
     tensors = [PlannedTensor(name, tuple(shape), types[name], source) for name, shape, source in named]
 
     preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
-    use_image_id = bool(preprocessor.get("use_image_id", config.get("use_image_id", False)))
-    max_slice_nums = int(preprocessor.get("max_slice_nums", (config.get("slice_config") or {}).get(
+    top = checkpoint.config
+    use_image_id = bool(preprocessor.get("use_image_id", top.get("use_image_id", False)))
+    max_slice_nums = int(preprocessor.get("max_slice_nums", (top.get("slice_config") or {}).get(
         "max_slice_nums", 9)))
 
     def metadata(writer: GGUFWriter) -> None:

@@ -1,8 +1,9 @@
 """The language-model architectures inside MiniCPM-V checkpoints, as llama.cpp names and reads them.
 
-Each entry says which GGUF architecture the text model becomes, whether its q/k rows must be permuted
-from Hugging Face's rotate-half layout to llama.cpp's interleaved rope, and which extra metadata the
-architecture's loader reads (llama.cpp's llama-model.cpp / convert_hf_to_gguf.py are the reference)."""
+Each entry says which GGUF architecture the text model becomes, how published tensors change on the way
+(q/k rows permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved rope, or Qwen3.5's
+adjustments in `qwen35`), and which extra metadata the architecture's loader reads (llama.cpp's
+llama-model.cpp / convert_hf_to_gguf.py are the reference)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,9 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGUFWriter, RopeScalingType
 
+from . import qwen35
 from .errors import ConversionError
-
-
-def require(config: dict[str, Any], key: str) -> Any:
-    if key not in config:
-        raise ConversionError(f"config.json lacks the key {key!r}")
-    return config[key]
-
-
-def head_dim(config: dict[str, Any]) -> int:
-    return int(config.get("head_dim") or require(config, "hidden_size") // require(config, "num_attention_heads"))
+from .hparams import Shape, Transform, head_dim, require, rope_parameter
 
 
 def _minicpm_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
@@ -61,19 +54,46 @@ def _no_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     return None
 
 
+# (GGUF name, published shape, LLM config) -> (GGUF shape, transform of the whole tensor or None)
+TensorAdapter = Callable[[str, Shape, dict[str, Any]], tuple[Shape, Transform | None]]
+
+
+def as_published(gguf_name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, Transform | None]:
+    return shape, None
+
+
+def interleave_rotary(gguf_name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, Transform | None]:
+    """HF stores q/k rows for rotate-half rope; llama.cpp's NORM rope (llama, minicpm) wants them interleaved."""
+    if gguf_name.endswith("attn_q.weight"):
+        n_head = int(config["num_attention_heads"])
+        return shape, lambda w: permute_rotary(w, n_head)
+    if gguf_name.endswith("attn_k.weight"):
+        n_head_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        return shape, lambda w: permute_rotary(w, n_head_kv)
+    return shape, None
+
+
 @dataclass(frozen=True)
 class LlmArch:
     gguf_arch: str
-    # HF stores q/k rows for rotate-half rope; llama.cpp's NORM rope (llama, minicpm) wants them interleaved.
-    permute_qk: bool
+    adapt: TensorAdapter = as_published
     extra_metadata: Callable[[GGUFWriter, dict[str, Any]], None] = field(default=_no_metadata)
+    # Published name endings gguf's tensor-name table does not know, and the ending it knows them by.
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def renamed(self, name: str) -> str:
+        for published, known in self.renames:
+            if name.endswith(published):
+                return name[: -len(published)] + known
+        return name
 
 
 LLM_ARCHS: dict[str, LlmArch] = {
-    "llama": LlmArch("llama", permute_qk=True, extra_metadata=_llama_metadata),
-    "qwen2": LlmArch("qwen2", permute_qk=False),
-    "qwen3": LlmArch("qwen3", permute_qk=False),
-    "minicpm": LlmArch("minicpm", permute_qk=True, extra_metadata=_minicpm_metadata),
+    "llama": LlmArch("llama", interleave_rotary, _llama_metadata),
+    "qwen2": LlmArch("qwen2"),
+    "qwen3": LlmArch("qwen3"),
+    "minicpm": LlmArch("minicpm", interleave_rotary, _minicpm_metadata),
+    "qwen35": LlmArch("qwen35", qwen35.adapt, qwen35.write_metadata, qwen35.RENAMES),
 }
 
 
@@ -100,7 +120,7 @@ def write_common_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_head_count(int(require(config, "num_attention_heads")))
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
     writer.add_layer_norm_rms_eps(float(require(config, "rms_norm_eps")))
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_parameter(config, "rope_theta", 10000.0))
     if config.get("head_dim"):
         writer.add_key_length(int(config["head_dim"]))
         writer.add_value_length(int(config["head_dim"]))

@@ -15,13 +15,14 @@ from typing import Callable, Iterable
 
 from gguf import GGUFWriter
 
-from .checkpoint import open_checkpoint, resolve_source
+from .checkpoint import Checkpoint, open_checkpoint, resolve_source
 from .errors import ConversionError
 from .families import Family, detect_family
 from .ggml_quant import default_threads
 from .gguf_out import GgufPlan, check_free_space, temporary_path, value_count, write_gguf
-from .llm import LLM_PREFIX, plan_llm
-from .mmproj import MMPROJ_PREFIXES, plan_mmproj
+from .llm import plan_llm
+from .merger import downsample_mode_of, plan_merger_mmproj
+from .mmproj import plan_resampler_mmproj
 from .presets import Preset, load_preset
 
 # Called with (values done, values in all) as tensors stream; the CLI draws its progress bar from it.
@@ -40,9 +41,10 @@ class ConversionResult:
     peak_rss_bytes: int = 0
 
 
-def output_paths(outdir: Path, stem: str, preset: Preset) -> tuple[Path, Path]:
+def output_paths(outdir: Path, stem: str, preset: Preset, mmproj_variant: str = "") -> tuple[Path, Path]:
+    variant = f"-{mmproj_variant}" if mmproj_variant else ""
     return (outdir / f"{stem}-{preset.name.upper()}.gguf",
-            outdir / f"mmproj-{stem}-{preset.mmproj_type.name}.gguf")
+            outdir / f"mmproj-{stem}{variant}-{preset.mmproj_type.name}.gguf")
 
 
 def peak_rss_bytes() -> int:
@@ -51,7 +53,7 @@ def peak_rss_bytes() -> int:
 
 def _check_tensor_prefixes(names: Iterable[str], family: Family) -> None:
     """Every published tensor is either converted or knowingly skipped (MiniCPM-o's audio and TTS parts)."""
-    known = (LLM_PREFIX, *MMPROJ_PREFIXES, *family.skip_prefixes)
+    known = (family.layout.llm_prefix, *family.layout.vision_prefixes, *family.skip_prefixes)
     unexpected = sorted(name for name in names if not name.startswith(known))
     if unexpected:
         raise ConversionError(f"{len(unexpected)} tensors belong to no part this converter knows for "
@@ -67,17 +69,32 @@ def _prepare_outdir(outdir: Path) -> None:
         raise ConversionError(f"output folder {outdir} is not writable")
 
 
+def _plan_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset,
+                 downsample_mode: str | None) -> tuple[GgufPlan, str]:
+    """The projector's plan, and what tells its file apart from other variants of the same model."""
+    if family.layout.projector == "merger":
+        mode = downsample_mode_of(checkpoint, downsample_mode)
+        # The published default keeps the plain name; the 4x variant can sit beside it.
+        return plan_merger_mmproj(checkpoint, family, preset, mode), "" if mode == "16x" else mode
+    if downsample_mode is not None:
+        raise ConversionError(f"a downsample mode applies to MiniCPM-V 4.6's merger, not to {family.title}")
+    return plan_resampler_mmproj(checkpoint, family, preset), ""
+
+
 def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4_k_m", *,
-                       n_threads: int | None = None, progress: ProgressCallback | None = None) -> ConversionResult:
+                       downsample_mode: str | None = None, n_threads: int | None = None,
+                       progress: ProgressCallback | None = None) -> ConversionResult:
     """Convert a MiniCPM-V checkpoint (local folder or hub id) into `outdir`: `<name>-<PRESET>.gguf` and
-    `mmproj-<name>-<TYPE>.gguf`. Raises ConversionError for bad input; leaves no partial file behind."""
+    `mmproj-<name>-<TYPE>.gguf` (`mmproj-<name>-4x-<TYPE>.gguf` for MiniCPM-V 4.6's 4x downsample mode).
+    Raises ConversionError for bad input; leaves no partial file behind."""
     started = time.perf_counter()
     chosen = load_preset(preset) if isinstance(preset, str) else preset
     folder = resolve_source(str(source))
     checkpoint = open_checkpoint(folder)
     family = detect_family(checkpoint.config)
     _check_tensor_prefixes(checkpoint.tensors, family)
-    plans: list[GgufPlan] = [plan_llm(checkpoint, family, chosen), plan_mmproj(checkpoint, family, chosen)]
+    mmproj_plan, mmproj_variant = _plan_mmproj(checkpoint, family, chosen, downsample_mode)
+    plans: list[GgufPlan] = [plan_llm(checkpoint, family, chosen), mmproj_plan]
     for plan in plans:
         # Build each header once in memory first, so a missing config key or a broken tokenizer fails
         # before anything is written.
@@ -87,7 +104,8 @@ def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4
     _prepare_outdir(out)
     # A hub download lives in a snapshot folder named by commit hash: name the files after the repo instead.
     local = Path(str(source)).expanduser().exists()
-    finals = output_paths(out, folder.resolve().name if local else str(source).rsplit("/", 1)[-1], chosen)
+    finals = output_paths(out, folder.resolve().name if local else str(source).rsplit("/", 1)[-1], chosen,
+                          mmproj_variant)
     check_free_space(out, sum(plan.nbytes for plan in plans))
 
     total = sum(value_count(plan.tensors) for plan in plans)

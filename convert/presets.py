@@ -25,7 +25,12 @@ _NOT_QUANTIZED = (T.F32, T.F16, T.BF16)
 _ROW_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0}
 
 # Substrings of tensor names llama-quantize never quantizes (the ones that can occur in our LLM archs).
-_KEEP_SUBSTRINGS = ("_norm.weight", "position_embd", "token_types")
+_KEEP_SUBSTRINGS = ("_norm.weight", "position_embd", "token_types", "ssm_conv1d")
+# convert_hf_to_gguf writes these in float32 whatever the output type (Mamba-style conv kernels).
+_ALWAYS_F32 = ("ssm_conv1d",)
+# llama-quant.cpp's category_is_attn_v: these share attn_v's "use more bits" counter (Qwen3.5's fused
+# linear-attention qkv included).
+_ATTN_V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")
 
 
 @dataclass(frozen=True)
@@ -74,26 +79,26 @@ def _row_fallback(target: T, n_per_row: int) -> T:
     return fallback if n_per_row % block_size(fallback) == 0 else T.F16
 
 
-def unquantized_type(shape: Sequence[int], float_type: T) -> T:
+def unquantized_type(name: str, shape: Sequence[int], float_type: T) -> T:
     """The type convert_hf_to_gguf gives a tensor in an F16/BF16/F32 file: vectors stay float32."""
-    return T.F32 if len(shape) < 2 else float_type
+    return T.F32 if len(shape) < 2 or any(s in name for s in _ALWAYS_F32) else float_type
 
 
 def llm_tensor_types(tensors: Iterable[tuple[str, Sequence[int]]], preset: Preset, n_layer: int) -> dict[str, T]:
     """Type of every LLM tensor (GGUF names, numpy shapes, in file order) under `preset`."""
     tensors = list(tensors)
     if not preset.llm_is_quantized:
-        return {name: unquantized_type(shape, preset.llm_type) for name, shape in tensors}
+        return {name: unquantized_type(name, shape, preset.llm_type) for name, shape in tensors}
 
     names = [name for name, _ in tensors]
     tied_embeddings = "output.weight" not in names
-    n_attn_v = sum("attn_v.weight" in name for name in names)
+    n_attn_v = sum(any(s in name for s in _ATTN_V_LIKE) for name in names)
     i_attn_v = i_ffn_down = 0
     types: dict[str, T] = {}
     for name, shape in tensors:
         quantizable = len(shape) >= 2 and name.endswith("weight") and not any(s in name for s in _KEEP_SUBSTRINGS)
         if not quantizable:
-            types[name] = unquantized_type(shape, T.F16)
+            types[name] = unquantized_type(name, shape, T.F16)
             continue
         n_per_row = shape[-1]
         qtype = preset.llm_type
@@ -102,7 +107,7 @@ def llm_tensor_types(tensors: Iterable[tuple[str, Sequence[int]]], preset: Prese
                 qtype = T.Q8_0
             elif qtype != T.Q8_0:
                 qtype = T.Q6_K
-        elif "attn_v.weight" in name:
+        elif any(s in name for s in _ATTN_V_LIKE):
             if preset.llm_sensitive_type and _use_more_bits(i_attn_v, n_attn_v):
                 qtype = preset.llm_sensitive_type
             i_attn_v += 1

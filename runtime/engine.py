@@ -64,6 +64,10 @@ class Engine:
             raise EngineError(f"cannot load the language model from {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        # M-RoPE decoders (Qwen3.5) take four position sections per embedding row; MiniCPM-V gives image rows
+        # plain sequential positions, so the first three sections repeat the position and the fourth is 0.
+        self.mrope = llama_cpp.llama_model_rope_type(self.model) in (
+            llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE)
         self.n_threads, self.n_batch = n_threads, n_batch
         self.ctx = None
         self._token_batch = None
@@ -141,7 +145,10 @@ class Engine:
         while common < limit and self.history[common] == items[common]:
             common += 1
         memory = llama_cpp.llama_get_memory(self.ctx)
-        llama_cpp.llama_memory_seq_rm(memory, 0, common, -1)
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, common, -1):
+            # A recurrent state (Qwen3.5's linear-attention layers) cannot be rewound to an earlier position.
+            llama_cpp.llama_memory_clear(memory, True)
+            common = 0
         self.history = list(items[:common])
         position = common
         while position < needed:
@@ -177,6 +184,7 @@ class Engine:
             end += 1
         n = end - start
         batch = llama_cpp.llama_batch_init(n, 0 if is_text else self.n_embd, 1)
+        own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value  # an address: the field object would follow changes
         try:
             for i, item in enumerate(items[start:end]):
                 if is_text:
@@ -189,10 +197,16 @@ class Engine:
                 key, first_row = items[start]
                 rows = np.ascontiguousarray(embeddings[key][first_row:first_row + n], dtype=np.float32)
                 ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+                if self.mrope:
+                    # Section-major: pos[j * n + i] is section j of row i.
+                    sections = np.zeros((4, n), dtype=np.int32)
+                    sections[:3] = np.arange(start, end, dtype=np.int32)
+                    batch.pos = sections.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
             batch.n_tokens = n
             if llama_cpp.llama_decode(self.ctx, batch) != 0:
                 raise EngineError("llama.cpp failed to decode the prompt")
         finally:
+            batch.pos = ctypes.cast(own_pos, ctypes.POINTER(llama_cpp.llama_pos))  # llama_batch_free frees its own
             llama_cpp.llama_batch_free(batch)
         self.history.extend(items[start:end])
         return end

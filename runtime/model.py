@@ -92,10 +92,14 @@ class Model:
         self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
         self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
         projector = describe_gguf(mmproj_path)["metadata"]
+        patch_size = int(projector.get("clip.vision.patch_size", 14))
         self.pieces = PieceEncoder(self.vision.context, self.engine.n_embd, n_threads,
                                    tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
-                                   tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))),
-                                   int(projector.get("clip.vision.patch_size", 14)))
+                                   tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))), patch_size)
+        # MiniCPM-V 4.6's merger folds merge x merge patches into one token, so pieces align to that.
+        merge = int(projector.get("clip.vision.projector.scale_factor", 1)) \
+            if projector.get("clip.projector_type") == "minicpmv4_6" else 1
+        self.piece_align = patch_size * merge
         self.family = self._meta("minicpmv_edge.family") or ""
         self.use_image_id = self._meta("minicpmv_edge.use_image_id") == "true"
         self.max_slice_nums = int(self._meta("minicpmv_edge.max_slice_nums") or DEFAULT_MAX_SLICE_NUMS)
@@ -162,7 +166,7 @@ class Model:
             if index == len(images):
                 break
             image = images[index]
-            layout = plan_slices(image.size, slices)
+            layout = plan_slices(image.size, slices, self.piece_align)
             digest = image_digest(image)
             pieces: list[Image.Image] | None = None
             for part in layout_parts(layout, self.frame, index if with_ids else None):

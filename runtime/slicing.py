@@ -1,5 +1,7 @@
-"""The official MiniCPM-V image layout (LLaVA-UHD slicing as the published image processors do it, 14-pixel
-alignment) and the text that frames each piece in the prompt, per family.
+"""The official MiniCPM-V image layout (LLaVA-UHD slicing as the published image processors do it) and the
+text that frames each piece in the prompt, per family. Piece sides are multiples of the patch size (14), or
+for MiniCPM-V 4.6 of the patch size times the merger's per-side merge factor (56 in 16x mode, 28 in 4x), as
+its processor aligns them.
 
 mtmd differs from the published processors in four ways that change what the model sees: it fixes
 max_slice_nums at 9, stretches an image that fits one slice to a 448x448 square, slices images whose area
@@ -76,11 +78,12 @@ class SliceLayout:
         return self.refined[0] // self.grid[0], self.refined[1] // self.grid[1]
 
 
-def plan_slices(size: tuple[int, int], max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS) -> SliceLayout:
+def plan_slices(size: tuple[int, int], max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS,
+                align: int = PATCH_SIZE) -> SliceLayout:
     grid = sliced_grid(size, max_slice_nums)
     if grid is None:
-        return SliceLayout(find_best_resize(size, allow_upscale=True))
-    return SliceLayout(find_best_resize(size), grid, refine_size(size, grid))
+        return SliceLayout(find_best_resize(size, patch_size=align, allow_upscale=True))
+    return SliceLayout(find_best_resize(size, patch_size=align), grid, refine_size(size, grid, patch_size=align))
 
 
 def cut(image: Image.Image, layout: SliceLayout) -> list[Image.Image]:
