@@ -69,6 +69,8 @@ def convert(
     outdir: Path = typer.Option(..., "--outdir", "-o", help="Folder for the two GGUF files"),
     preset: str = typer.Option("q4_k_m", "--preset", "-p", help="Quantization preset (quant_presets/)"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantizer threads (default: all cores)"),
+    downsample_mode: Optional[str] = typer.Option(
+        None, "--downsample-mode", help="MiniCPM-V 4.6 only: 16x (published default) or 4x (4x more image tokens)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary"),
 ) -> None:
     """Convert a MiniCPM-V checkpoint into a language-model GGUF and an mmproj GGUF in one pass."""
@@ -78,7 +80,7 @@ def convert(
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=quiet, transient=True) as bar:
         task = bar.add_task("convert", total=None)
-        result = convert_checkpoint(source, outdir, preset, n_threads=threads,
+        result = convert_checkpoint(source, outdir, preset, downsample_mode=downsample_mode, n_threads=threads,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not quiet:
         console.print(_summary_table(result))

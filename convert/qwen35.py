@@ -61,7 +61,7 @@ def adapt(gguf_name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, 
     if name.endswith("ssm_a"):
         to_tiled = tiled(0, 1)
         return shape, lambda w: to_tiled(-np.exp(w))
-    if name.endswith("ssm_dt.bias") or name.endswith(("ssm_alpha.weight", "ssm_beta.weight")):
+    if name.endswith(("ssm_dt.bias", "ssm_alpha.weight", "ssm_beta.weight")):
         return shape, tiled(0, 1)
     if name.endswith("ssm_conv1d.weight"):
         squeezed = (shape[0], shape[-1])

@@ -8,7 +8,10 @@ from typing import Callable
 import pytest
 
 from minicpmv_edge.convert import ConversionResult, convert_checkpoint
-from minicpmv_edge.convert.synthetic import FAMILIES, make_checkpoint
+from minicpmv_edge.convert.synthetic import FAMILIES, MERGER_FAMILIES, make_checkpoint
+
+# 4.6-Thinking has 4.6's weights, tokenizer and converter path; only its chat template differs.
+ALL_FAMILIES = FAMILIES + MERGER_FAMILIES[:1]
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +54,9 @@ def hf_tokenizer() -> Callable[[Path], object]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`family`: the resampler families (their torch references live in reference.py); `any_family`: those
+    and MiniCPM-V 4.6, for tests that hold for every converted model."""
     if "family" in metafunc.fixturenames:
         metafunc.parametrize("family", FAMILIES)
+    if "any_family" in metafunc.fixturenames:
+        metafunc.parametrize("any_family", ALL_FAMILIES)

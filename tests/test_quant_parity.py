@@ -24,7 +24,8 @@ def llama_quantize(source: Path, target: Path, ftype: int) -> dict:
     return {t.name: t for t in GGUFReader(target).tensors}
 
 
-def test_q4_k_m_matches_llama_quantize(family: str, converted, tmp_path: Path) -> None:
+def test_q4_k_m_matches_llama_quantize(any_family: str, converted, tmp_path: Path) -> None:
+    family = any_family
     ours = {t.name: t for t in GGUFReader(converted(family, "q4_k_m").llm_path).tensors}
     from_f32 = llama_quantize(converted(family, "f32").llm_path, tmp_path / "from_f32.gguf",
                               LLAMA_FTYPE_MOSTLY_Q4_K_M)
@@ -35,9 +36,10 @@ def test_q4_k_m_matches_llama_quantize(family: str, converted, tmp_path: Path) -
     for name, tensor in ours.items():
         assert tensor.tensor_type == from_f32[name].tensor_type == from_f16[name].tensor_type, name
         assert tensor.data.tobytes() == from_f32[name].data.tobytes(), name
-    # The tiny models still exercise the mixture: Q6_K for the "more bits" layers, Q4_K elsewhere.
+    # The tiny models still exercise the mixture: Q6_K for the "more bits" layers, Q4_K elsewhere (tiny 4.6's
+    # 64-wide rows fall back from those to Q8_0 and Q5_0).
     types = {t.tensor_type.name for t in ours.values()}
-    assert {"Q4_K", "Q6_K", "F32"} <= types
+    assert {"Q4_K", "Q6_K", "F32"} <= types or {"Q5_0", "Q8_0", "F32"} <= types
     differing = sum(t.data.tobytes() != from_f16[n].data.tobytes() for n, t in ours.items())
     assert differing <= len(ours) // 4
 

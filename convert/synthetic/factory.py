@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .families import TINY, Family, get_family, longrope_factors
+from . import minicpmv4_6
+from .minicpmv4_6 import MERGER_FAMILIES
 from .tokenizer import build_tokenizer
 from .weights import Entry, assign_shards, plan_from_dims, write_safetensors
 
@@ -79,17 +81,26 @@ def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
 def make_checkpoint(family: str, out_dir: str | os.PathLike[str], size: Size = "tiny", seed: int = 0) -> Path:
     """Write a random-weight checkpoint of `family` in its published Hugging Face layout.
 
+    `family` is one of `FAMILIES` (resampler families, written here) or `MERGER_FAMILIES`
+    (MiniCPM-V 4.6, built by transformers itself: `minicpmv4_6.py`, needs the `test` extra).
     The folder is assembled beside `out_dir` and renamed into place, so readers never see a
     half-written checkpoint; an existing `out_dir` is replaced.
     """
-    fam = get_family(family)
+    if family in MERGER_FAMILIES:
+        def write(tmp: Path) -> None:
+            minicpmv4_6.write_into(tmp, family, size, seed)
+    else:
+        fam = get_family(family)
+
+        def write(tmp: Path) -> None:
+            _write_into(tmp, fam, size, seed)
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_into(tmp, fam, size, seed)
+        write(tmp)
         tmp.chmod(0o755)   # mkdtemp makes it 0700
         if out.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first.

@@ -1,0 +1,164 @@
+"""Benchmark: MiniCPM-V 4.6 at full published size (synthetic weights), Q4_K_M through our runtime in both
+downsample modes, beside transformers running the same checkpoint natively on the CPU (float32), in one run.
+
+One 448x448 image, the same prompt layout (the runtime's, which the tests prove equal to the published
+processor's) and the same number of new tokens for every engine; each engine runs in its own child process
+so its peak RSS is its own. Reported: image encode ms, time to first token (image encode + prefill),
+decode tokens/s, peak RSS. JSON and Markdown under bench/results/.
+
+    python bench/minicpmv4_6.py --workdir /tmp/bench46      # builds the checkpoint and converts it if absent
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime import QUESTION, RESULTS, bench_image  # noqa: E402 - bench/runtime.py, the same image and prompt
+
+FAMILY = "minicpm-v-4.6"
+ENGINES = ("ours 16x", "ours 4x", "transformers 16x", "transformers 4x")
+
+
+def prepare(workdir: Path) -> tuple[Path, Path]:
+    """The full-size checkpoint and its Q4_K_M conversion (both mmproj modes), made once."""
+    from minicpmv_edge.convert import convert_checkpoint
+    from minicpmv_edge.convert.synthetic import make_checkpoint
+
+    checkpoint, gguf_dir = workdir / "checkpoint", workdir / "q4_k_m"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint(FAMILY, checkpoint, size="full")
+    for mode in ("16x", "4x"):
+        if not any(gguf_dir.glob("mmproj-*-4x-*.gguf" if mode == "4x" else "mmproj-*[!x]-F16.gguf")):
+            convert_checkpoint(checkpoint, gguf_dir, "q4_k_m", downsample_mode=mode)
+    return checkpoint, gguf_dir
+
+
+def gguf_pair(gguf_dir: Path, mode: str) -> tuple[Path, Path]:
+    [model] = [p for p in gguf_dir.glob("*.gguf") if not p.name.startswith("mmproj")]
+    mmprojs = sorted(gguf_dir.glob("mmproj-*.gguf"))
+    [mmproj] = [p for p in mmprojs if ("-4x-" in p.name) == (mode == "4x")]
+    return model, mmproj
+
+
+def run_ours(gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
+    from minicpmv_edge.runtime import load
+
+    started = time.perf_counter()
+    model = load(*gguf_pair(gguf_dir, mode))
+    loaded = time.perf_counter()
+    msgs = [{"role": "user", "content": [bench_image(), QUESTION]}]
+    first = last = None
+    for record in model.stream_generate(msgs, max_new_tokens=max_new_tokens):
+        first = first or time.perf_counter()
+        last = record
+    return {"load_s": loaded - started, "image_encode_ms": last.image_encode_ms,
+            "time_to_first_token_s": first - loaded, "prompt_tokens": last.prompt_tokens,
+            "generated_tokens": last.generation_tokens, "decode_tokens_per_s": last.decode_tokens_per_s}
+
+
+def run_transformers(checkpoint: Path, gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import LogitsProcessor, LogitsProcessorList, MiniCPMV4_6ForConditionalGeneration
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    from minicpmv_edge.runtime import load
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # The prompt ids come from our runtime's layout (the tests prove it equal to the published processor's,
+    # whose video half needs torchvision); image rows become the model's image token.
+    layout_model = load(*gguf_pair(gguf_dir, mode))
+    image = Image.open(io.BytesIO(bench_image()))
+    items, _ = layout_model.prepare([{"role": "user", "content": [image, QUESTION]}])
+    layout_model.close()
+    started = time.perf_counter()
+    model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    loaded = time.perf_counter()
+    ids = torch.tensor([[item if isinstance(item, int) else model.config.image_token_id for item in items]])
+
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204 - transformers' signature
+            stamps.append(time.perf_counter())
+            return scores
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        pixels = MiniCPMV4_6ImageProcessorPil(downsample_mode=mode)(image, return_tensors="pt")
+        model.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"], downsample_mode=mode)
+        encode_ms = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, pixel_values=pixels["pixel_values"], target_sizes=pixels["target_sizes"],
+                             downsample_mode=mode, max_new_tokens=max_new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([Clock()]))
+    generated = out.shape[1] - ids.shape[1]
+    return {"load_s": loaded - started, "image_encode_ms": encode_ms, "time_to_first_token_s": stamps[0] - t0,
+            "prompt_tokens": ids.shape[1], "generated_tokens": generated,
+            "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0}
+
+
+def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) -> dict:
+    mode = engine.rsplit(" ", 1)[1]
+    result = (run_ours(gguf_dir, mode, max_new_tokens) if engine.startswith("ours")
+              else run_transformers(checkpoint, gguf_dir, mode, max_new_tokens))
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# MiniCPM-V 4.6, full size (synthetic weights): Q4_K_M GGUF ({result['gguf_bytes'] / 1e9:.2f} GB "
+             f"with both mmprojs) vs transformers float32 on the CPU; one 448x448 image, "
+             f"{result['max_new_tokens']} new tokens", "",
+             "| engine | load s | prompt tokens | image encode ms | TTFT s | decode tok/s | peak RSS GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in result["engines"].items():
+        lines.append(f"| {name} | {row['load_s']:.1f} | {row['prompt_tokens']} | {row['image_encode_ms']:,.0f} | "
+                     f"{row['time_to_first_token_s']:.2f} | {row['decode_tokens_per_s']:.2f} | "
+                     f"{row['peak_rss_bytes'] / 2**30:.2f} |")
+    lines += ["", f"machine: {result['machine']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/minicpmv-bench46"))
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    checkpoint, gguf_dir = args.workdir / "checkpoint", args.workdir / "q4_k_m"
+    if args.child:
+        print(json.dumps(child(args.child, checkpoint, gguf_dir, args.max_new_tokens)))
+        return
+
+    prepare(args.workdir)
+    results = {}
+    for engine in ENGINES:
+        command = [sys.executable, __file__, "--workdir", str(args.workdir), "--child", engine,
+                   "--max-new-tokens", str(args.max_new_tokens)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{engine} failed:\n{proc.stderr[-2000:]}")
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(engine, results[engine], flush=True)
+    result = {"max_new_tokens": args.max_new_tokens, "engines": results,
+              "gguf_bytes": sum(p.stat().st_size for p in gguf_dir.glob("*.gguf")),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "minicpm-v-4.6-full-q4_k_m.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "minicpm-v-4.6-full-q4_k_m.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

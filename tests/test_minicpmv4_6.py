@@ -1,0 +1,207 @@
+"""MiniCPM-V 4.6 end to end against transformers' own implementation (`transformers.models.minicpmv4_6`) on the
+same tiny synthetic weights, in both downsample modes.
+
+Stated tolerances:
+- image features: per-token cosine >= 0.999 between clip.cpp (F16 mmproj) and the transformers model's vision
+  path, for every piece of a small, a wide, a tall and a large image (measured: >= 0.9999997);
+- logits of an image + text prompt (F32 GGUF): the same argmax at every position and |difference| < 0.01
+  (measured 3e-4; llama.cpp keeps the KV cache in F16);
+- greedy generation: the same 32 tokens;
+- token layout: identical ids to the published `MiniCPMV4_6Processor` for four image shapes and four
+  `max_slice_nums` values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from official import random_image
+
+from minicpmv_edge.convert import convert_checkpoint
+from minicpmv_edge.runtime import EngineError, load
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import (  # noqa: E402
+    MiniCPMV4_6ImageProcessorPil,
+)
+from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor  # noqa: E402
+from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor  # noqa: E402
+
+FAMILY = "minicpm-v-4.6"
+MODES = ("16x", "4x")
+SIZES = {"small": (300, 200), "wide": (1200, 400), "tall": (400, 1100), "large": (1500, 1300)}
+QUESTION = "Describe the picture."
+
+
+class PublishedProcessor(MiniCPMV4_6Processor):
+    """The published processor unchanged, but for the constructor's class check of its video processor, which
+    transformers resolves through a registry that needs torchvision (not installed; images only here)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):  # noqa: ANN001, ANN201
+        return None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint) -> Path:  # noqa: ANN001
+    return tiny_checkpoint(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):  # noqa: ANN201
+    model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def runtime(checkpoint: Path, workdir: Path):  # noqa: ANN201
+    loaded = {}
+
+    def get(mode: str, preset: str):  # noqa: ANN202
+        if (mode, preset) not in loaded:
+            result = convert_checkpoint(checkpoint, workdir / "46" / f"{preset}-{mode}", preset, downsample_mode=mode)
+            loaded[mode, preset] = load(result.llm_path, result.mmproj_path)
+        return loaded[mode, preset]
+
+    yield get
+    for model in loaded.values():
+        model.close()
+
+
+def processor(checkpoint: Path, mode: str) -> PublishedProcessor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    images = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)
+    return PublishedProcessor(image_processor=images, video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tokenizer)
+
+
+def image_ids(items: list, image_token_id: int) -> list[int]:
+    """The runtime's prompt with each image-embedding row shown as the image placeholder token."""
+    return [item if isinstance(item, int) else image_token_id for item in items]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layout_matches_published_processor(mode: str, checkpoint: Path, runtime) -> None:  # noqa: ANN001
+    model = runtime(mode, "f16")
+    published = processor(checkpoint, mode)
+    tokenizer = published.tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
+                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    for name, size in SIZES.items():
+        image = random_image(size, 1)
+        for max_slice_nums in (1, 4, 9, 16):
+            items, _ = model.prepare([{"role": "user", "content": [image, QUESTION]}], max_slice_nums=max_slice_nums)
+            expected = published(text=[prompt], images=[image], max_slice_nums=max_slice_nums, return_tensors="np")
+            assert image_ids(items, tokenizer.image_token_id) == expected["input_ids"][0].tolist(), (name, max_slice_nums)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_features_match_transformers(mode: str, checkpoint: Path, reference, runtime) -> None:  # noqa: ANN001
+    from minicpmv_edge.runtime.slicing import cut, plan_slices
+
+    model = runtime(mode, "f16")
+    images = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)
+    for name, size in SIZES.items():
+        image = random_image(size, 2)
+        pixels = images(image, return_tensors="pt")
+        pieces = cut(image, plan_slices(image.size, 9, model.piece_align))
+        assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), name
+        with torch.no_grad():
+            expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
+                                                          downsample_mode=mode).pooler_output
+        for piece, want in zip(pieces, expected):
+            ours, want = model.pieces.encode(piece), want.float().numpy()
+            assert ours.shape == want.shape, name
+            cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert cosine.min() >= 0.999, (name, float(cosine.min()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_and_greedy_generation_match_transformers(mode: str, checkpoint: Path, reference,
+                                                         runtime) -> None:  # noqa: ANN001
+    model = runtime(mode, "f32")
+    image = random_image((700, 500), 3)
+    msgs = [{"role": "user", "content": [image, QUESTION]}]
+    items, _ = model.prepare(msgs)
+    ids = torch.tensor([image_ids(items, reference.config.image_token_id)])
+    pixels = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)(image, return_tensors="pt")
+    inputs = dict(pixel_values=pixels["pixel_values"], target_sizes=pixels["target_sizes"], downsample_mode=mode)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, **inputs).logits[0].float().numpy()
+        expected_tokens = reference.generate(input_ids=ids, **inputs, max_new_tokens=32, do_sample=False)[0]
+
+    ours = np.zeros_like(expected)
+    model.engine.history = []
+
+    def keep(start: int, rows: np.ndarray) -> None:
+        ours[start:start + len(rows)] = rows[:, : expected.shape[1]]
+
+    model.engine.feed(items, model._embeddings, on_logits=keep)
+    assert (ours.argmax(-1) == expected.argmax(-1)).all()
+    assert np.abs(ours - expected).max() < 0.01
+    tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=32)]
+    assert tokens == expected_tokens[ids.shape[1]:].tolist()[: len(tokens)]
+    assert len(tokens) == 32 or model.engine.is_end(tokens[-1])
+
+
+def test_follow_up_turn_equals_a_fresh_model(runtime, checkpoint: Path, workdir: Path) -> None:  # noqa: ANN001
+    """Qwen3.5's recurrent state cannot be rewound, so a prompt that diverges from the cached history is decoded
+    again from the start; the answer must be what a fresh model gives."""
+    model = runtime("16x", "f32")
+    image = random_image((500, 400), 4)
+    first = [{"role": "user", "content": [image, QUESTION]}]
+    answer = model.chat(first, max_new_tokens=8).text
+    follow_up = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colours?"}]
+    reused = [r.token for r in model.stream_generate(follow_up, max_new_tokens=8)]
+    other = [{"role": "user", "content": [image, "Something else entirely."]}]
+    model.chat(other, max_new_tokens=4)  # the cache now diverges from `follow_up` right after the image
+    after_divergence = [r.token for r in model.stream_generate(follow_up, max_new_tokens=8)]
+    result = convert_checkpoint(checkpoint, workdir / "46" / "fresh", "f32")
+    fresh = load(result.llm_path, result.mmproj_path)
+    try:
+        assert reused == after_divergence == [r.token for r in fresh.stream_generate(follow_up, max_new_tokens=8)]
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("variant", ["minicpm-v-4.6", "minicpm-v-4.6-thinking"])
+def test_thinking_switch_renders_the_published_template(variant: str, tiny_checkpoint, workdir: Path) -> None:
+    family = variant
+    folder = tiny_checkpoint(family)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    result = convert_checkpoint(folder, workdir / "46" / f"template-{family}", "q8_0")
+    model = load(result.llm_path, result.mmproj_path)
+    try:
+        msgs = [{"role": "user", "content": QUESTION}]
+        for thinking in (False, True):
+            [text], _ = model._render(msgs, None, thinking)
+            assert text == tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                         enable_thinking=thinking)
+        [thinking_prompt], _ = model._render(msgs, None, True)
+        assert thinking_prompt.endswith("<think>\n")
+    finally:
+        model.close()
+
+
+def test_both_modes_convert_side_by_side_and_run_quantized(checkpoint: Path, tmp_path: Path) -> None:
+    sixteen = convert_checkpoint(checkpoint, tmp_path, "q4_k_m")
+    four = convert_checkpoint(checkpoint, tmp_path, "q4_k_m", downsample_mode="4x")
+    assert sixteen.llm_path == four.llm_path and sixteen.mmproj_path != four.mmproj_path
+    assert four.mmproj_path.name.endswith("-4x-F16.gguf")
+    factors = {}
+    for result in (sixteen, four):
+        fields = GGUFReader(result.mmproj_path).fields
+        factors[result.mmproj_path.name] = fields["clip.vision.projector.scale_factor"].contents()
+        assert fields["clip.projector_type"].contents() == "minicpmv4_6"
+    assert sorted(factors.values()) == [2, 4]
+    names = {t.name for t in GGUFReader(four.mmproj_path).tensors}
+    assert not any("vit_merger" in name for name in names)
+    with pytest.raises(EngineError, match="one mmproj GGUF"):
+        load(tmp_path)
+    for result in (sixteen, four):
+        model = load(result.llm_path, result.mmproj_path)
+        answer = model.chat([{"role": "user", "content": [random_image((900, 600), 5), QUESTION]}], max_new_tokens=6)
+        assert answer.timings["generation_tokens"] >= 1
+        model.close()
