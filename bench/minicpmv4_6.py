@@ -66,46 +66,76 @@ def run_ours(gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
             "generated_tokens": last.generation_tokens, "decode_tokens_per_s": last.decode_tokens_per_s}
 
 
-def run_transformers(checkpoint: Path, gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
-    import torch
-    from PIL import Image
-    from transformers import LogitsProcessor, LogitsProcessorList, MiniCPMV4_6ForConditionalGeneration
-    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-
+def prompt_ids(gguf_dir: Path, mode: str, pages: list, question: str) -> list[list[int]]:
+    """Each page's prompt as the runtime lays it out (the tests prove it equal to the published processor's,
+    whose video half needs torchvision), image rows shown as the model's image token."""
     from minicpmv_edge.runtime import load
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    # The prompt ids come from our runtime's layout (the tests prove it equal to the published processor's,
-    # whose video half needs torchvision); image rows become the model's image token.
-    layout_model = load(*gguf_pair(gguf_dir, mode))
+    model = load(*gguf_pair(gguf_dir, mode))
+    try:
+        image_token = model.engine.tokenize("<|image_pad|>")[0]
+        return [[item if isinstance(item, int) else image_token
+                 for item in model.prepare([{"role": "user", "content": [page, question]}])[0]] for page in pages]
+    finally:
+        model.close()
+
+
+class TransformersModel:
+    """MiniCPM-V 4.6 run natively by transformers on the CPU in float32 (bfloat16 matmuls are slower there)."""
+
+    def __init__(self, checkpoint: Path, mode: str):
+        import torch
+        from transformers import MiniCPMV4_6ForConditionalGeneration
+        from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        self.torch, self.mode = torch, mode
+        self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.images = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)
+
+    def generate(self, ids: list[int], image, max_new_tokens: int) -> dict:  # noqa: ANN001 - a PIL image
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Clock(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204 - transformers' signature
+                stamps.append(time.perf_counter())
+                return scores
+
+        torch = self.torch
+        started = time.perf_counter()
+        with torch.no_grad():
+            pixels = self.images(image, return_tensors="pt")
+            out = self.model.generate(input_ids=torch.tensor([ids]), pixel_values=pixels["pixel_values"],
+                                      target_sizes=pixels["target_sizes"], downsample_mode=self.mode,
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      logits_processor=LogitsProcessorList([Clock()]))
+        return {"time_to_first_token_s": stamps[0] - started, "generated_tokens": out.shape[1] - len(ids),
+                "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0,
+                "seconds": time.perf_counter() - started}
+
+    def encode_ms(self, image) -> float:  # noqa: ANN001 - a PIL image
+        started = time.perf_counter()
+        with self.torch.no_grad():
+            pixels = self.images(image, return_tensors="pt")
+            self.model.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
+                                                downsample_mode=self.mode)
+        return (time.perf_counter() - started) * 1000
+
+
+def run_transformers(checkpoint: Path, gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
+    from PIL import Image
+
     image = Image.open(io.BytesIO(bench_image()))
-    items, _ = layout_model.prepare([{"role": "user", "content": [image, QUESTION]}])
-    layout_model.close()
+    [ids] = prompt_ids(gguf_dir, mode, [image], QUESTION)
     started = time.perf_counter()
-    model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = TransformersModel(checkpoint, mode)
     loaded = time.perf_counter()
-    ids = torch.tensor([[item if isinstance(item, int) else model.config.image_token_id for item in items]])
-
-    stamps: list[float] = []
-
-    class Clock(LogitsProcessor):
-        def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204 - transformers' signature
-            stamps.append(time.perf_counter())
-            return scores
-
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        pixels = MiniCPMV4_6ImageProcessorPil(downsample_mode=mode)(image, return_tensors="pt")
-        model.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"], downsample_mode=mode)
-        encode_ms = (time.perf_counter() - t0) * 1000
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, pixel_values=pixels["pixel_values"], target_sizes=pixels["target_sizes"],
-                             downsample_mode=mode, max_new_tokens=max_new_tokens, do_sample=False,
-                             logits_processor=LogitsProcessorList([Clock()]))
-    generated = out.shape[1] - ids.shape[1]
-    return {"load_s": loaded - started, "image_encode_ms": encode_ms, "time_to_first_token_s": stamps[0] - t0,
-            "prompt_tokens": ids.shape[1], "generated_tokens": generated,
-            "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0}
+    encode_ms = model.encode_ms(image)
+    result = model.generate(ids, image, max_new_tokens)
+    del result["seconds"]
+    return {"load_s": loaded - started, "image_encode_ms": encode_ms, "prompt_tokens": len(ids), **result}
 
 
 def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) -> dict:

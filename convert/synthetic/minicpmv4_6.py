@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,44 +207,6 @@ def _render_ids(obj: Any, vocab: dict[str, int]) -> Any:
     return obj
 
 
-# --- weights -----------------------------------------------------------------------------------
-
-_DROP_PREFIXES = ("lm_head.", "mtp.")   # published file: tied embeddings, no MTP head
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(n))
-
-
-def _drop_unpublished(folder: Path) -> None:
-    """Remove `lm_head.*` / `mtp.*` tensors should save_pretrained ever write them."""
-    shards = sorted(folder.glob("*.safetensors"))
-    index_path = folder / "model.safetensors.index.json"
-    dropped: set[str] = set()
-    for shard in shards:
-        keys = [k for k in _read_header(shard) if k != "__metadata__"]
-        drop = [k for k in keys if k.startswith(_DROP_PREFIXES)]
-        if not drop:
-            continue
-        from safetensors.torch import load_file, save_file
-        tensors = load_file(shard)
-        for k in drop:
-            del tensors[k]
-        save_file(tensors, shard, metadata={"format": "pt"})
-        dropped.update(drop)
-    if dropped and index_path.exists():
-        index = json.loads(index_path.read_text())
-        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
-        total = 0
-        for shard in shards:
-            header = _read_header(shard)
-            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-        index["metadata"]["total_size"] = total
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def _import_transformers() -> tuple[Any, Any, Any]:
     try:
         import torch
@@ -275,7 +236,6 @@ def write_into(folder: Path, family: str, size: str, seed: int) -> None:
     model.eval()
     model.save_pretrained(folder, max_shard_size="5GB")
     del model
-    _drop_unpublished(folder)
 
     # generation_config.json: save_pretrained wrote one from the model config; replace it with the
     # published-style file (ids from the synthetic vocab), keeping the writer's transformers_version.
