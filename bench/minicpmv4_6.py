@@ -16,14 +16,13 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import QUESTION, RESULTS, bench_image  # noqa: E402 - bench/runtime.py, the same image and prompt
+from runtime import QUESTION, RESULTS, bench_image, peak_rss_bytes  # noqa: E402 - bench/runtime.py, the same image and prompt
 
 FAMILY = "minicpm-v-4.6"
 ENGINES = ("ours 16x", "ours 4x", "transformers 16x", "transformers 4x")
@@ -142,7 +141,7 @@ def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) ->
     mode = engine.rsplit(" ", 1)[1]
     result = (run_ours(gguf_dir, mode, max_new_tokens) if engine.startswith("ours")
               else run_transformers(checkpoint, gguf_dir, mode, max_new_tokens))
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 

@@ -90,12 +90,21 @@ def run_mtmd_cli(model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str) -> 
     return {"wall_s": time.perf_counter() - started}
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. getrusage's ru_maxrss survives exec, so a child started by a parent that
+    once held a large model would report the parent's peak; VmHWM belongs to the new address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(engine: str, model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str | None) -> dict:
     runner = {"ours": run_ours, "llama-cpp-python chat handler": run_peer,
               "ours, weight repacking on": lambda *a: run_ours(*a, repack=True)}
     result = (run_mtmd_cli(model_dir, max_new_tokens, n_ctx, cli) if engine == "llama-mtmd-cli"
               else runner[engine](model_dir, max_new_tokens, n_ctx))
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     if engine == "llama-mtmd-cli":
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return result

@@ -27,6 +27,10 @@ class VisionTower:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        # clip.cpp resolves "auto" only during warmup (skipped: it costs a full encode at load), which leaves
+        # flash attention off. On: one 448x448 piece of the full-size SigLIP tower encodes in 3.25 s instead
+        # of 4.0 s (F16 mmproj, 2 AVX2 cores), embeddings within cosine 0.9999995 of the unfused graph.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llama_model, params)
         if not self._ctx:
             raise VisionError(f"cannot load the vision tower from {mmproj}")
