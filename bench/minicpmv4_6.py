@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import QUESTION, RESULTS, bench_image, peak_rss_bytes  # noqa: E402 - bench/runtime.py, the same image and prompt
+from runtime import QUESTION, RESULTS, bench_image, engine_table, peak_rss_bytes, run_ours  # noqa: E402 - bench/runtime.py, the same image and prompt
 
 FAMILY = "minicpm-v-4.6"
 ENGINES = ("ours 16x", "ours 4x", "transformers 16x", "transformers 4x")
@@ -47,22 +47,6 @@ def gguf_pair(gguf_dir: Path, mode: str) -> tuple[Path, Path]:
     mmprojs = sorted(gguf_dir.glob("mmproj-*.gguf"))
     [mmproj] = [p for p in mmprojs if ("-4x-" in p.name) == (mode == "4x")]
     return model, mmproj
-
-
-def run_ours(gguf_dir: Path, mode: str, max_new_tokens: int) -> dict:
-    from minicpmv_edge.runtime import load
-
-    started = time.perf_counter()
-    model = load(*gguf_pair(gguf_dir, mode))
-    loaded = time.perf_counter()
-    msgs = [{"role": "user", "content": [bench_image(), QUESTION]}]
-    first = last = None
-    for record in model.stream_generate(msgs, max_new_tokens=max_new_tokens):
-        first = first or time.perf_counter()
-        last = record
-    return {"load_s": loaded - started, "image_encode_ms": last.image_encode_ms,
-            "time_to_first_token_s": first - loaded, "prompt_tokens": last.prompt_tokens,
-            "generated_tokens": last.generation_tokens, "decode_tokens_per_s": last.decode_tokens_per_s}
 
 
 def prompt_ids(gguf_dir: Path, mode: str, pages: list, question: str) -> list[list[int]]:
@@ -139,7 +123,7 @@ def run_transformers(checkpoint: Path, gguf_dir: Path, mode: str, max_new_tokens
 
 def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) -> dict:
     mode = engine.rsplit(" ", 1)[1]
-    result = (run_ours(gguf_dir, mode, max_new_tokens) if engine.startswith("ours")
+    result = (run_ours(gguf_pair(gguf_dir, mode), max_new_tokens) if engine.startswith("ours")
               else run_transformers(checkpoint, gguf_dir, mode, max_new_tokens))
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
@@ -148,13 +132,11 @@ def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) ->
 def markdown(result: dict) -> str:
     lines = [f"# MiniCPM-V 4.6, full size (synthetic weights): Q4_K_M GGUF ({result['gguf_bytes'] / 1e9:.2f} GB "
              f"with both mmprojs) vs transformers float32 on the CPU; one 448x448 image, "
-             f"{result['max_new_tokens']} new tokens", "",
-             "| engine | load s | prompt tokens | image encode ms | TTFT s | decode tok/s | peak RSS GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, row in result["engines"].items():
-        lines.append(f"| {name} | {row['load_s']:.1f} | {row['prompt_tokens']} | {row['image_encode_ms']:,.0f} | "
-                     f"{row['time_to_first_token_s']:.2f} | {row['decode_tokens_per_s']:.2f} | "
-                     f"{row['peak_rss_bytes'] / 2**30:.2f} |")
+             f"{result['max_new_tokens']} new tokens", ""]
+    lines += engine_table(result["engines"], [
+        ("load s", "load_s", ".1f"), ("prompt tokens", "prompt_tokens", "d"),
+        ("image encode ms", "image_encode_ms", ",.0f"), ("TTFT s", "time_to_first_token_s", ".2f"),
+        ("decode tok/s", "decode_tokens_per_s", ".2f"), ("peak RSS GiB", "peak_rss_gib", ".2f")])
     lines += ["", f"machine: {result['machine']}"]
     return "\n".join(lines) + "\n"
 

@@ -39,11 +39,12 @@ def bench_image() -> bytes:
     return out.getvalue()
 
 
-def run_ours(model_dir: Path, max_new_tokens: int, n_ctx: int, repack: bool = False) -> dict:
+def run_ours(model: Path | tuple[Path, Path], max_new_tokens: int, n_ctx: int = 2048, repack: bool = False) -> dict:
+    """One question about the bench image; `model` is a converted folder or a (model GGUF, mmproj GGUF) pair."""
     from minicpmv_edge.runtime import load
 
     started = time.perf_counter()
-    model = load(model_dir, n_ctx=n_ctx, repack=repack)
+    model = load(*(model if isinstance(model, tuple) else (model,)), n_ctx=n_ctx, repack=repack)
     loaded = time.perf_counter()
     msgs = [{"role": "user", "content": [bench_image(), QUESTION]}]
     first = last = None
@@ -110,17 +111,24 @@ def child(engine: str, model_dir: Path, max_new_tokens: int, n_ctx: int, cli: st
     return result
 
 
+def engine_table(engines: dict[str, dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown lines, a row per engine; columns are (header, result key, format), "-" where a row lacks it."""
+    lines = ["| engine | " + " | ".join(header for header, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in engines.items():
+        row = {**row, "peak_rss_gib": row["peak_rss_bytes"] / 2**30}
+        lines.append(f"| {name} | " + " | ".join(format(row[key], fmt) if key in row else "-"
+                                                 for _, key, fmt in columns) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Runtime: {result['label']} ({result['gguf_bytes'] / 1e9:.2f} GB of GGUF), one 448x448 image, "
-             f"{result['max_new_tokens']} new tokens", "",
-             "| engine | load s | image encode ms | TTFT s | decode tok/s | peak RSS GiB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, row in result["engines"].items():
-        def cell(key: str, fmt: str) -> str:
-            return format(row[key], fmt) if key in row else "-"
-        lines.append(f"| {name} | {cell('load_s', '.1f')} | {cell('image_encode_ms', ',.0f')} | "
-                     f"{cell('time_to_first_token_s', '.2f')} | {cell('decode_tokens_per_s', '.2f')} | "
-                     f"{row['peak_rss_bytes'] / 2**30:.2f} |")
+             f"{result['max_new_tokens']} new tokens", ""]
+    lines += engine_table(result["engines"], [
+        ("load s", "load_s", ".1f"), ("image encode ms", "image_encode_ms", ",.0f"),
+        ("TTFT s", "time_to_first_token_s", ".2f"), ("decode tok/s", "decode_tokens_per_s", ".2f"),
+        ("peak RSS GiB", "peak_rss_gib", ".2f")])
     lines += ["", f"machine: {result['machine']}"]
     return "\n".join(lines) + "\n"
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .families import QWEN3_BASE, QWEN3_THINKING_TEMPLATE
-from .tokenizer import BPE_TRAIN_VOCAB, TokenizerFiles, _append_added, _dumps, _lines
+from .tokenizer import TokenizerFiles, _append_added, _dumps, train_bytelevel
 
 MERGER_FAMILIES: tuple[str, ...] = ("minicpm-v-4.6", "minicpm-v-4.6-thinking")
 
@@ -124,25 +123,7 @@ def get_merger_family(key: str) -> MergerFamily:
 @functools.lru_cache(maxsize=None)
 def build_tokenizer_46() -> TokenizerFiles:
     """Tiny Qwen3.5-style byte-level BPE (qwen35 split), shared by both 4.6 families; cached."""
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    trainer_tok = Tokenizer(models.BPE())
-    trainer_tok.normalizer = normalizers.NFC()
-    trainer_tok.pre_tokenizer = pre
-    trainer_tok.train_from_iterator(_lines(), trainers.BpeTrainer(
-        vocab_size=BPE_TRAIN_VOCAB, min_frequency=1, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]))
-    trained = json.loads(trainer_tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tok = Tokenizer(models.BPE(vocab=trained["vocab"], merges=merges, dropout=None, unk_token=None,
-                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                               byte_fallback=False, ignore_merges=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = train_bytelevel(QWEN35_SPLIT)
     _append_added(tok, ADDED_TOKENS)
     vocab = tok.get_vocab(with_added_tokens=True)
 

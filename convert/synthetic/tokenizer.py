@@ -55,8 +55,14 @@ def _lines() -> list[str]:
 
 def _train_bytelevel(fam: Family) -> Tokenizer:
     llama3 = fam.tokenizer == "bpe-llama3"
+    return train_bytelevel(LLAMA3_SPLIT if llama3 else QWEN2_SPLIT, llama3)
+
+
+def train_bytelevel(split: str, llama3: bool = False) -> Tokenizer:
+    """A byte-level BPE trained on the corpus with the published pipeline: Qwen's (NFC, byte-level
+    post-processor) or Llama-3's (no normalizer, merges ignored for whole words)."""
     pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT if llama3 else QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=llama3, use_regex=False),
     ])
     trainer_tok = Tokenizer(models.BPE())
