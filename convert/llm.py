@@ -56,7 +56,7 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     arch = llm_arch_for(config, family.llm)
     name_map = gguf.get_tensor_name_map(_arch_enum(arch.gguf_arch), n_layer)
 
-    quantized = quant_method(config)
+    quantized = quant_method(checkpoint.config)  # quantization_config sits at the top
     named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
     for hf_name, ref in checkpoint.tensors.items():
         if not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):

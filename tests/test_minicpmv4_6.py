@@ -205,3 +205,50 @@ def test_both_modes_convert_side_by_side_and_run_quantized(checkpoint: Path, tmp
         answer = model.chat([{"role": "user", "content": [random_image((900, 600), 5), QUESTION]}], max_new_tokens=6)
         assert answer.timings["generation_tokens"] >= 1
         model.close()
+
+
+@pytest.mark.parametrize("method,act_order", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(method: str, act_order: bool,
+                                                                         checkpoint: Path, tmp_path: Path) -> None:
+    """GPTQ/AWQ packing of 4.6's projections (attention, MLP and linear-attention in/out): the converted F32 GGUF
+    against transformers' class holding the same dequantized weights (tolerances as for the float model), and
+    close to the float source (correlation >= 0.95: 4-bit groups of 32 carry ~1/15 of a group's range)."""
+    from minicpmv_edge.convert.checkpoint import open_checkpoint
+    from minicpmv_edge.convert.int4 import dequantize_awq, dequantize_gptq
+    from minicpmv_edge.convert.synthetic import make_int4_checkpoint
+
+    folder = make_int4_checkpoint(checkpoint, tmp_path / "int4", method, 32, act_order)
+    result = convert_checkpoint(folder, tmp_path / "gguf", "f32")
+    model = load(result.llm_path, result.mmproj_path)
+    ids = model.engine.tokenize("<|im_start|>user\nRead the page aloud, line by line.<|im_end|>\n<|im_start|>assistant\n")
+    ours = np.zeros((len(ids), 0), dtype=np.float32)
+
+    def keep(start: int, rows: np.ndarray) -> None:
+        nonlocal ours
+        ours = rows if start == 0 else np.concatenate([ours, rows])
+
+    model.engine.feed(ids, {}, on_logits=keep)
+    model.close()
+
+    packed = open_checkpoint(folder)
+    state = {}
+    for name in packed.tensors:
+        if name.endswith(".qweight"):
+            base = name[: -len("qweight")]
+            parts = {p: packed.read(base + p, as_stored=True) for p in ("qweight", "qzeros", "scales", "g_idx")
+                     if base + p in packed.tensors}
+            state[base + "weight"] = torch.from_numpy(dequantize_gptq(**parts) if method == "gptq"
+                                                      else dequantize_awq(**parts, group_size=32))
+    packed.close()
+    assert len(state) == 4 * 3 + 4 * 3 - 3 + 4  # per layer: 3 MLP; linear layers 3 (qkv, z, out); full layer 4
+    float_model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    dequantized = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    missing, unexpected = dequantized.load_state_dict(state, strict=False)
+    assert not unexpected
+    with torch.no_grad():
+        expected = dequantized(input_ids=torch.tensor([ids])).logits[0].numpy()
+        original = float_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    ours = ours[:, : expected.shape[1]]
+    assert (ours.argmax(-1) == expected.argmax(-1)).all() and np.abs(ours - expected).max() < 0.01
+    correlation = np.corrcoef(ours.ravel(), original.ravel())[0, 1]
+    assert correlation >= 0.95

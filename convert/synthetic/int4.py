@@ -3,7 +3,8 @@ formulas, so the converter's int4 path can be tested without the published int4 
 
 GPTQ: symmetric 4-bit (zero point 8, stored minus one as AutoGPTQ does), optional act-order (a random input
 permutation in g_idx). AWQ GEMM: asymmetric 4-bit with zero points, columns interleaved 0,2,4,6,1,3,5,7 in
-each int32. Only the language model's attention and MLP projections are quantized, as in the releases."""
+each int32. Only the language model's projections are quantized, as in the releases (MiniCPM-V 4.6: also
+its linear-attention input and output projections; the tiny per-head gates stay float)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Literal
 
 import numpy as np
 
-_LINEAR = re.compile(r"^llm\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+_LINEAR = re.compile(r"^(llm\.model|model\.language_model)\.layers\.\d+\."
+                     r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))"
+                     r"\.weight$")
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
