@@ -78,7 +78,7 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     for gguf_name, values in rope_factor_tensors(config).items():
         named.append((gguf_name, values.shape, _constant(values)))
     if not any(name == "token_embd.weight" for name, _, _ in named):
-        raise ConversionError(f"the checkpoint has no {layout.llm_prefix}model.embed_tokens.weight")
+        raise ConversionError(f"the checkpoint has no token embeddings (embed_tokens.weight under {layout.llm_prefix})")
     named.sort(key=lambda item: _file_order(item[0]))
 
     types = llm_tensor_types([(name, shape) for name, shape, _ in named], preset, n_layer)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFWriter
 
+from .errors import ConversionError
 from .hparams import Shape, Transform, head_dim, require, rope_parameter
 
 RENAMES = ((".linear_attn.dt_bias", ".linear_attn.dt_proj.bias"),)
@@ -88,7 +89,7 @@ def write_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     layer_types = config.get("layer_types") or [
         "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layer)]
     if len(layer_types) != n_layer:
-        raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layer} layers")
+        raise ConversionError(f"config.json's layer_types has {len(layer_types)} entries for {n_layer} layers")
     writer.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in layer_types])
     writer.add_full_attention_interval(interval)
     n_rot = int(head_dim(config) * rope_parameter(config, "partial_rotary_factor", 0.25))

@@ -13,6 +13,7 @@ Stated tolerances:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from official import random_image
+from test_convert import assert_clean_failure, broken_copy, run_cli
 
 from minicpmv_edge.convert import convert_checkpoint
 from minicpmv_edge.runtime import EngineError, load
@@ -252,3 +254,32 @@ def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(method:
     assert (ours.argmax(-1) == expected.argmax(-1)).all() and np.abs(ours - expected).max() < 0.01
     correlation = np.corrcoef(ours.ravel(), original.ravel())[0, 1]
     assert correlation >= 0.95
+
+
+def _edit_46(text: dict | None = None, **top: object):  # noqa: ANN202
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(top)
+        for key, value in (text or {}).items():
+            if value is None:
+                config["text_config"].pop(key)
+            else:
+                config["text_config"][key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+@pytest.mark.parametrize("source, damage, flags, needle", [
+    (FAMILY, _edit_46({"linear_conv_kernel_dim": None}), [], "lacks the key 'linear_conv_kernel_dim'"),
+    (FAMILY, _edit_46(insert_layer_id=5), [], "insert_layer_id 5 is outside the 3 vision layers"),
+    (FAMILY, _edit_46({"layer_types": ["full_attention"]}), [], "layer_types has 1 entries for 4 layers"),
+    (FAMILY, _edit_46(), ["--downsample-mode", "8x"], "downsample mode must be one of 16x, 4x"),
+    ("minicpm-v-4.5", _edit_46(), ["--downsample-mode", "4x"], "applies to MiniCPM-V 4.6's merger"),
+])
+def test_bad_input_fails_in_one_line(source: str, damage, flags: list[str], needle: str, tmp_path: Path,
+                                     tiny_checkpoint) -> None:  # noqa: ANN001
+    folder = broken_copy(tmp_path, tiny_checkpoint(source))
+    if source == FAMILY:
+        damage(folder)
+    outdir = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(folder), "-o", str(outdir), "-q", *flags), outdir, needle)
