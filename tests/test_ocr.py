@@ -156,3 +156,22 @@ def test_embedding_cache_is_bounded(tmp_path: Path) -> None:
         time.sleep(0.01)
     assert cache.get(("image", 9, 0)) is None and cache.get(("image", 9, 5))[0, 0] == 5
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_minicpm_v_4_6_batch_equals_one_page_at_a_time(corpus: Path, converted, tmp_path: Path) -> None:
+    """MiniCPM-V 4.6's decoder keeps a recurrent state that cannot be rewound, so each page after the first is
+    decoded from the start; every page's text must equal a fresh model's answer for that page alone."""
+    from minicpmv_edge.runtime import load
+    from minicpmv_edge.runtime.ocr import PROMPTS
+
+    model_dir = converted("minicpm-v-4.6", "q8_0").llm_path.parent
+    output = tmp_path / "pages.jsonl"
+    assert ocr(model_dir, corpus, output).wait(timeout=600) == 1  # the corrupt and broken inputs fail
+    done = {(Path(r["source"]).name, r["page"]): r["text"] for r in records(output) if r["error"] is None}
+    assert len(done) == N_IMAGES + N_PDF_PAGES
+    for name in ("scan00.png", "scan03.png"):
+        fresh = load(model_dir)
+        path = next(corpus.rglob(name))
+        answer = fresh.chat([{"role": "user", "content": [Image.open(path), PROMPTS["text"]]}], max_new_tokens=24)
+        fresh.close()
+        assert [text for (source, _), text in done.items() if source == name] == [answer.text]
