@@ -40,7 +40,8 @@ def _tiled(values: np.ndarray, axis: int, n_k: int, n_v: int, width: int) -> np.
     return np.ascontiguousarray(np.moveaxis(reordered, 0, axis))
 
 
-def adapt(gguf_name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, Transform | None]:
+def adapt(name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, Transform | None]:
+    """The GGUF shape of the published tensor llama.cpp calls `name`, and what turns its values into llama.cpp's."""
     n_k = int(config.get("linear_num_key_heads", 0))
     n_v = int(config.get("linear_num_value_heads", 0))
     reorder = n_k > 0 and n_v > 0 and n_k != n_v
@@ -56,7 +57,6 @@ def adapt(gguf_name: str, shape: Shape, config: dict[str, Any]) -> tuple[Shape, 
             return tail if head is None else np.concatenate([head, tail], axis=0)
         return apply
 
-    name = gguf_name
     if name.endswith("_norm.weight") and not name.endswith("ssm_norm.weight"):
         return shape, lambda w: w + np.float32(1.0)
     if name.endswith("ssm_a"):
