@@ -19,6 +19,9 @@ from gguf import GGMLQuantizationType as T
 from .errors import ConversionError
 from .ggml_quant import quantize, row_nbytes
 
+# A tensor's GGUF name, shape, and the source of its values (row blocks, or the whole tensor at once).
+SourcedTensor = tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]
+
 
 @dataclass
 class PlannedTensor:

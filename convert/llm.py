@@ -12,7 +12,7 @@ from gguf import GGUFWriter
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .families import Family
-from .gguf_out import GgufPlan, PlannedTensor
+from .gguf_out import GgufPlan, PlannedTensor, SourcedTensor
 from .int4 import PACKED_PARTS, dequantizer, packed_shape, quant_method
 from .hparams import Transform, require
 from .llm_archs import llm_arch_for, rope_factor_tensors, write_common_metadata
@@ -57,7 +57,7 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     name_map = gguf.get_tensor_name_map(_arch_enum(arch.gguf_arch), n_layer)
 
     quantized = quant_method(checkpoint.config)  # quantization_config sits at the top
-    named: list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]] = []
+    named: list[SourcedTensor] = []
     for hf_name, ref in checkpoint.tensors.items():
         if not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):
             continue

@@ -14,9 +14,9 @@ from gguf import GGUFWriter
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .families import Family
-from .gguf_out import GgufPlan
+from .gguf_out import GgufPlan, SourcedTensor
 from .hparams import require
-from .mmproj import SourcedTensor, planned, reader, siglip_name_map, siglip_tensor, write_vision_metadata
+from .mmproj import planned, reader, siglip_name_map, siglip_tensor, write_vision_metadata
 from .presets import Preset
 
 DOWNSAMPLE_MODES = {"16x": 4, "4x": 2}  # mode -> clip.vision.projector.scale_factor (patches merged per side)
@@ -64,12 +64,11 @@ def _source_tensors(checkpoint: Checkpoint, vision: dict, keep_vit_merger: bool)
     return out
 
 
-def plan_merger_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset,
-                       downsample_mode: str | None = None) -> GgufPlan:
+def plan_merger_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset, mode: str) -> GgufPlan:
+    """`mode`: a key of DOWNSAMPLE_MODES, as `downsample_mode_of` resolves it."""
     config = checkpoint.config
     vision = require(config, "vision_config")
     preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
-    mode = downsample_mode_of(checkpoint, downsample_mode)
     n_layer = int(require(vision, "num_hidden_layers"))
     insert_layer = int(config.get("insert_layer_id", vision.get("insert_layer_id", 6)))
     if not 0 <= insert_layer < n_layer:

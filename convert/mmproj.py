@@ -13,11 +13,10 @@ from gguf import GGUFWriter
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from .families import Family
-from .gguf_out import GgufPlan, PlannedTensor
+from .gguf_out import GgufPlan, PlannedTensor, SourcedTensor
 from .hparams import require
 from .presets import Preset, mmproj_tensor_type
 
-SourcedTensor = tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]
 # Published names gguf's TensorNameMap does not cover, each with how its GGUF tensors derive from it.
 _POST_LAYERNORM = "vpm.post_layernorm."
 _IN_PROJ = "resampler.attn.in_proj_"
