@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from typing import Any, Literal
 from .families import TINY, Family, get_family, longrope_factors
 from . import minicpmv4_6
 from .minicpmv4_6 import MERGER_FAMILIES
+from .files import render, write_json
 from .tokenizer import build_tokenizer
 from .weights import Entry, assign_shards, plan_from_dims, write_safetensors
 
@@ -42,28 +42,12 @@ def plan_tensors(family: str, size: Size = "tiny") -> list[Entry]:
     return plan_from_dims(get_family(family), dims(family, size))
 
 
-def _render(obj: Any, d: dict[str, Any], vocab: dict[str, int]) -> Any:
-    if isinstance(obj, dict):
-        return {k: _render(v, d, vocab) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_render(v, d, vocab) for v in obj]
-    if isinstance(obj, str) and obj.startswith("$id:"):
-        return vocab[obj[4:]]
-    if isinstance(obj, str) and obj.startswith("$"):
-        return d[obj[1:]]
-    return obj
-
-
-def _json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
     d = dims(fam.key, size)
     tok = build_tokenizer(fam.key)
-    _json(folder / "config.json", _render(fam.config, d, tok.vocab))
-    _json(folder / "generation_config.json", _render(fam.generation_config, d, tok.vocab))
-    _json(folder / "preprocessor_config.json", fam.preprocessor_config)
+    write_json(folder / "config.json", render(fam.config, d, tok.vocab))
+    write_json(folder / "generation_config.json", render(fam.generation_config, d, tok.vocab))
+    write_json(folder / "preprocessor_config.json", fam.preprocessor_config)
     for name, content in tok.files.items():
         (folder / name).write_bytes(content)
 
@@ -75,7 +59,7 @@ def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         total += write_safetensors(folder / fname, shard, seed)
         weight_map.update((name, fname) for name, _ in shard)
-    _json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def make_checkpoint(family: str, out_dir: str | os.PathLike[str], size: Size = "tiny", seed: int = 0) -> Path:

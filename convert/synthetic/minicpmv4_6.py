@@ -19,6 +19,7 @@ from typing import Any
 
 
 from .families import QWEN3_BASE, QWEN3_THINKING_TEMPLATE
+from .files import render, write_json
 from .tokenizer import TokenizerFiles, _append_added, _dumps, train_bytelevel
 
 MERGER_FAMILIES: tuple[str, ...] = ("minicpm-v-4.6", "minicpm-v-4.6-thinking")
@@ -178,16 +179,6 @@ def config_kwargs(size: str) -> dict[str, Any]:
     }
 
 
-def _render_ids(obj: Any, vocab: dict[str, int]) -> Any:
-    if isinstance(obj, dict):
-        return {k: _render_ids(v, vocab) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_render_ids(v, vocab) for v in obj]
-    if isinstance(obj, str) and obj.startswith("$id:"):
-        return vocab[obj[4:]]
-    return obj
-
-
 def _import_transformers() -> tuple[Any, Any, Any]:
     try:
         import torch
@@ -197,10 +188,6 @@ def _import_transformers() -> tuple[Any, Any, Any]:
             "MiniCPM-V 4.6 synthetic checkpoints are built with transformers' MiniCPMV4_6ForConditionalGeneration "
             f"(transformers >= 5.7) and torch ({exc}); install them with: pip install -e '.[test]'") from exc
     return torch, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
-
-
-def _json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_into(folder: Path, family: str, size: str, seed: int) -> None:
@@ -222,15 +209,15 @@ def write_into(folder: Path, family: str, size: str, seed: int) -> None:
     # published-style file (ids from the synthetic vocab), keeping the writer's transformers_version.
     gen_path = folder / "generation_config.json"
     version = json.loads(gen_path.read_text()).get("transformers_version") if gen_path.exists() else None
-    gen = _render_ids(fam.generation_config, tok.vocab)
+    gen = render(fam.generation_config, {}, tok.vocab)
     if version:
         gen["transformers_version"] = version
-    _json(gen_path, gen)
+    write_json(gen_path, gen)
 
     for name, content in tok.files.items():
         (folder / name).write_bytes(content)
     (folder / "chat_template.jinja").write_text(fam.chat_template, encoding="utf-8")
-    _json(folder / "preprocessor_config.json", {**IMAGE_PROCESSOR, "processor_class": "MiniCPMV4_6Processor"})
-    _json(folder / "processor_config.json", {"image_processor": dict(IMAGE_PROCESSOR),
+    write_json(folder / "preprocessor_config.json", {**IMAGE_PROCESSOR, "processor_class": "MiniCPMV4_6Processor"})
+    write_json(folder / "processor_config.json", {"image_processor": dict(IMAGE_PROCESSOR),
                                               "processor_class": "MiniCPMV4_6Processor",
                                               "video_processor": dict(VIDEO_PROCESSOR)})
