@@ -37,15 +37,19 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     if not (checkpoint / "config.json").exists():
         make_checkpoint(FAMILY, checkpoint, size="full")
     for mode in ("16x", "4x"):
-        if not any(gguf_dir.glob("mmproj-*-4x-*.gguf" if mode == "4x" else "mmproj-*[!x]-F16.gguf")):
+        if not _mmprojs(gguf_dir, mode):
             convert_checkpoint(checkpoint, gguf_dir, "q4_k_m", downsample_mode=mode)
     return checkpoint, gguf_dir
 
 
+def _mmprojs(gguf_dir: Path, mode: str) -> list[Path]:
+    """The converter names the 4x mmproj `mmproj-<name>-4x-<TYPE>.gguf` and the 16x one without the mode."""
+    return [p for p in gguf_dir.glob("mmproj-*.gguf") if ("-4x-" in p.name) == (mode == "4x")]
+
+
 def gguf_pair(gguf_dir: Path, mode: str) -> tuple[Path, Path]:
     [model] = [p for p in gguf_dir.glob("*.gguf") if not p.name.startswith("mmproj")]
-    mmprojs = sorted(gguf_dir.glob("mmproj-*.gguf"))
-    [mmproj] = [p for p in mmprojs if ("-4x-" in p.name) == (mode == "4x")]
+    [mmproj] = _mmprojs(gguf_dir, mode)
     return model, mmproj
 
 

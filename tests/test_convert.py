@@ -97,14 +97,16 @@ def _truncate_shard(ckpt: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
-def _edit_config(**changes: object) -> callable:
+def edit_config(section: str | None = None, /, **changes: object) -> callable:
+    """Set keys of config.json (or of its `section`, e.g. text_config); None removes a key."""
     def edit(ckpt: Path) -> None:
         config = json.loads((ckpt / "config.json").read_text())
+        target = config if section is None else config[section]
         for key, value in changes.items():
             if value is None:
-                config.pop(key)
+                target.pop(key)
             else:
-                config[key] = value
+                target[key] = value
         (ckpt / "config.json").write_text(json.dumps(config))
     return edit
 
@@ -112,9 +114,9 @@ def _edit_config(**changes: object) -> callable:
 @pytest.mark.parametrize("damage, needle", [
     (_drop_shard, "missing shard"),
     (_truncate_shard, "not a readable safetensors file"),
-    (_edit_config(version=9.9), "unsupported model"),
-    (_edit_config(query_num=None), "lacks the key 'query_num'"),
-    (_edit_config(num_hidden_layers=None), "lacks the key 'num_hidden_layers'"),
+    (edit_config(version=9.9), "unsupported model"),
+    (edit_config(query_num=None), "lacks the key 'query_num'"),
+    (edit_config(num_hidden_layers=None), "lacks the key 'num_hidden_layers'"),
 ])
 def test_bad_checkpoint_fails_in_one_line(tmp_path: Path, tiny_checkpoint, damage, needle: str) -> None:
     ckpt = broken_copy(tmp_path, tiny_checkpoint("minicpm-v-4.5"))

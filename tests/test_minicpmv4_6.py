@@ -13,7 +13,6 @@ Stated tolerances:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from official import random_image
-from test_convert import assert_clean_failure, broken_copy, run_cli
+from test_convert import assert_clean_failure, broken_copy, edit_config, run_cli
 
 from minicpmv_edge.convert import convert_checkpoint
 from minicpmv_edge.runtime import EngineError, load
@@ -59,12 +58,25 @@ def reference(checkpoint: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def runtime(checkpoint: Path, workdir: Path):  # noqa: ANN201
+def converted46(checkpoint: Path, workdir: Path):  # noqa: ANN201
+    done = {}
+
+    def get(mode: str, preset: str):  # noqa: ANN202
+        if (mode, preset) not in done:
+            done[mode, preset] = convert_checkpoint(checkpoint, workdir / "46" / f"{preset}-{mode}", preset,
+                                                    downsample_mode=mode)
+        return done[mode, preset]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runtime(converted46):  # noqa: ANN001, ANN201
     loaded = {}
 
     def get(mode: str, preset: str):  # noqa: ANN202
         if (mode, preset) not in loaded:
-            result = convert_checkpoint(checkpoint, workdir / "46" / f"{preset}-{mode}", preset, downsample_mode=mode)
+            result = converted46(mode, preset)
             loaded[mode, preset] = load(result.llm_path, result.mmproj_path)
         return loaded[mode, preset]
 
@@ -148,7 +160,7 @@ def test_logits_and_greedy_generation_match_transformers(mode: str, checkpoint: 
     assert len(tokens) == 32 or model.engine.is_end(tokens[-1])
 
 
-def test_follow_up_turn_equals_a_fresh_model(runtime, checkpoint: Path, workdir: Path) -> None:  # noqa: ANN001
+def test_follow_up_turn_equals_a_fresh_model(runtime, converted46) -> None:  # noqa: ANN001
     """Qwen3.5's recurrent state cannot be rewound, so a prompt that diverges from the cached history is decoded
     again from the start; the answer must be what a fresh model gives."""
     model = runtime("16x", "f32")
@@ -160,7 +172,7 @@ def test_follow_up_turn_equals_a_fresh_model(runtime, checkpoint: Path, workdir:
     other = [{"role": "user", "content": [image, "Something else entirely."]}]
     model.chat(other, max_new_tokens=4)  # the cache now diverges from `follow_up` right after the image
     after_divergence = [r.token for r in model.stream_generate(follow_up, max_new_tokens=8)]
-    result = convert_checkpoint(checkpoint, workdir / "46" / "fresh", "f32")
+    result = converted46("16x", "f32")
     fresh = load(result.llm_path, result.mmproj_path)
     try:
         assert reused == after_divergence == [r.token for r in fresh.stream_generate(follow_up, max_new_tokens=8)]
@@ -211,7 +223,8 @@ def test_both_modes_convert_side_by_side_and_run_quantized(checkpoint: Path, tmp
 
 @pytest.mark.parametrize("method,act_order", [("gptq", False), ("gptq", True), ("awq", False)])
 def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(method: str, act_order: bool,
-                                                                         checkpoint: Path, tmp_path: Path) -> None:
+                                                                         checkpoint: Path, reference,
+                                                                         tmp_path: Path) -> None:  # noqa: ANN001
     """GPTQ/AWQ packing of 4.6's projections (attention, MLP and linear-attention in/out): the converted F32 GGUF
     against transformers' class holding the same dequantized weights (tolerances as for the float model), and
     close to the float source (correlation >= 0.95: 4-bit groups of 32 carry ~1/15 of a group's range)."""
@@ -243,43 +256,28 @@ def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(method:
                                                       else dequantize_awq(**parts, group_size=32))
     packed.close()
     assert len(state) == 4 * 3 + 4 * 3 - 3 + 4  # per layer: 3 MLP; linear layers 3 (qkv, z, out); full layer 4
-    float_model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     dequantized = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     missing, unexpected = dequantized.load_state_dict(state, strict=False)
     assert not unexpected
     with torch.no_grad():
         expected = dequantized(input_ids=torch.tensor([ids])).logits[0].numpy()
-        original = float_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        original = reference(input_ids=torch.tensor([ids])).logits[0].numpy()
     ours = ours[:, : expected.shape[1]]
     assert (ours.argmax(-1) == expected.argmax(-1)).all() and np.abs(ours - expected).max() < 0.01
     correlation = np.corrcoef(ours.ravel(), original.ravel())[0, 1]
     assert correlation >= 0.95
 
 
-def _edit_46(text: dict | None = None, **top: object):  # noqa: ANN202
-    def edit(folder: Path) -> None:
-        config = json.loads((folder / "config.json").read_text())
-        config.update(top)
-        for key, value in (text or {}).items():
-            if value is None:
-                config["text_config"].pop(key)
-            else:
-                config["text_config"][key] = value
-        (folder / "config.json").write_text(json.dumps(config))
-    return edit
-
-
 @pytest.mark.parametrize("source, damage, flags, needle", [
-    (FAMILY, _edit_46({"linear_conv_kernel_dim": None}), [], "lacks the key 'linear_conv_kernel_dim'"),
-    (FAMILY, _edit_46(insert_layer_id=5), [], "insert_layer_id 5 is outside the 3 vision layers"),
-    (FAMILY, _edit_46({"layer_types": ["full_attention"]}), [], "layer_types has 1 entries for 4 layers"),
-    (FAMILY, _edit_46(), ["--downsample-mode", "8x"], "downsample mode must be one of 16x, 4x"),
-    ("minicpm-v-4.5", _edit_46(), ["--downsample-mode", "4x"], "applies to MiniCPM-V 4.6's merger"),
+    (FAMILY, edit_config("text_config", linear_conv_kernel_dim=None), [], "lacks the key 'linear_conv_kernel_dim'"),
+    (FAMILY, edit_config(insert_layer_id=5), [], "insert_layer_id 5 is outside the 3 vision layers"),
+    (FAMILY, edit_config("text_config", layer_types=["full_attention"]), [], "layer_types has 1 entries for 4 layers"),
+    (FAMILY, edit_config(), ["--downsample-mode", "8x"], "downsample mode must be one of 16x, 4x"),
+    ("minicpm-v-4.5", edit_config(), ["--downsample-mode", "4x"], "applies to MiniCPM-V 4.6's merger"),
 ])
 def test_bad_input_fails_in_one_line(source: str, damage, flags: list[str], needle: str, tmp_path: Path,
                                      tiny_checkpoint) -> None:  # noqa: ANN001
     folder = broken_copy(tmp_path, tiny_checkpoint(source))
-    if source == FAMILY:
-        damage(folder)
+    damage(folder)
     outdir = tmp_path / "out"
     assert_clean_failure(run_cli("convert", str(folder), "-o", str(outdir), "-q", *flags), outdir, needle)
