@@ -31,12 +31,12 @@ def one_line_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         from minicpmv_edge.convert import ConversionError
-        from minicpmv_edge.runtime import EngineError, ImageInputError, VisionError
+        from minicpmv_edge.runtime import ChatInputError, EngineError, ImageInputError, VisionError
         from minicpmv_edge.runtime.ocr import OcrInputError
 
         try:
             return command(*args, **kwargs)
-        except (ConversionError, EngineError, VisionError, ImageInputError, OcrInputError) as e:
+        except (ConversionError, EngineError, VisionError, ImageInputError, OcrInputError, ChatInputError) as e:
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -88,12 +88,20 @@ def convert(
     print(result.mmproj_path)
 
 
-def _load(model: list[str]):  # noqa: ANN202 - runtime.Model, imported lazily
-    from minicpmv_edge.runtime import EngineError, load
+def _load(model: list[str], **options: object):  # noqa: ANN202 - runtime.Model, imported lazily
+    from minicpmv_edge.runtime import load
 
-    if len(model) not in (1, 2):
-        raise EngineError("MODEL is the folder `minicpmv convert` wrote, or the model GGUF and the mmproj GGUF")
-    return load(*model)
+    return load(*model, **options)
+
+
+def _model_and_rest(args: list[str], what: str) -> tuple[list[str], list[str]]:
+    """MODEL (one argument, or two .gguf files) and the arguments after it, the same for every command."""
+    from minicpmv_edge.runtime.pair import split_model_arguments
+
+    model, rest = split_model_arguments(args)
+    if not model:
+        raise typer.BadParameter(f"give MODEL then {what}")
+    return model, rest
 
 
 def _timings_line(record) -> str:  # noqa: ANN001 - runtime.GenerationResponse
@@ -140,18 +148,22 @@ def ask(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 for greedy decoding"),
     think: bool = typer.Option(False, "--think", help="Thinking mode (Qwen3-based families)"),
+    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", help="Slices per image (default: the "
+                                                 "family's published setting)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
 ) -> None:
     """Ask one question about images; the answer streams to stdout."""
-    from minicpmv_edge.runtime import EngineError, Sampling
+    from minicpmv_edge.runtime import Sampling
 
-    if len(args) < 2:
-        raise EngineError("give MODEL and a question")
-    model = _load(args[:-1])
+    model_args, question = _model_and_rest(args, "one question")
+    if len(question) != 1:
+        raise typer.BadParameter("give MODEL then one question (quote it)")
+    model = _load(model_args)
     try:
-        msgs = [{"role": "user", "content": [*image, args[-1]]}]
+        msgs = [{"role": "user", "content": [*image, question[0]]}]
         _stream(model.stream_generate(msgs, max_new_tokens=max_new_tokens, enable_thinking=think,
-                                      sampling=Sampling(temperature=temperature)), as_json)
+                                      max_slice_nums=max_slice_nums, sampling=Sampling(temperature=temperature)),
+                as_json)
     finally:
         model.close()
 
@@ -166,7 +178,10 @@ def chat(
     from minicpmv_edge.runtime import ImageInputError
     from minicpmv_edge.runtime.images import load_image
 
-    model = _load(model_paths)
+    model_args, extra = _model_and_rest(model_paths, "nothing else")
+    if extra:
+        raise typer.BadParameter(f"unexpected arguments after MODEL: {' '.join(extra)}")
+    model = _load(model_args)
     history: list[dict] = []
     pending: list = []
     think = False
@@ -225,6 +240,8 @@ def ocr(
     cache_dir: Optional[Path] = typer.Option(None, "--embedding-cache", help="Keep image embeddings here between "
                                              "runs (reruns with another prompt skip the vision tower)"),
     cache_gb: float = typer.Option(2.0, "--embedding-cache-gb", help="Size bound of the embedding cache"),
+    memory_mb: int = typer.Option(256, "--embedding-memory-mb", min=0,
+                                  help="Image embeddings kept in memory beyond the current page's"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
 ) -> None:
@@ -232,13 +249,12 @@ def ocr(
     import time
 
     from minicpmv_edge.runtime.embedding_cache import EmbeddingCache
-    from minicpmv_edge.runtime.jobstore import JobStore
+    from minicpmv_edge.runtime.jobstore import JobStore, JobStoreError
     from minicpmv_edge.runtime.ocr import OcrInputError, OcrOptions, PROMPTS, iter_pages, parse_page_ranges, run_ocr
 
     if mode not in PROMPTS:
         raise typer.BadParameter(f"--mode is one of {', '.join(PROMPTS)}")
-    two_files = len(args) > 2 and all(a.endswith(".gguf") for a in args[:2])
-    model_args, inputs = (args[:2], args[2:]) if two_files else (args[:1], args[1:])
+    model_args, inputs = _model_and_rest(args, "the inputs")
     if "-" in inputs:
         inputs = [i for i in inputs if i != "-"] + [line.strip() for line in sys.stdin if line.strip()]
     refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=parse_page_ranges(pages)))
@@ -246,10 +262,26 @@ def ocr(
         raise OcrInputError("the inputs hold no pages")
     options = OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
                          dpi=dpi)
-    model = _load(model_args)
+    try:  # before the model loads: an output that cannot be written fails at once
+        store = JobStore(output.with_name(output.name + ".sqlite"), output)
+    except JobStoreError as e:
+        raise OcrInputError(str(e)) from None
+    try:
+        model = _load(model_args, embedding_memory_bytes=memory_mb << 20)
+    except BaseException:
+        store.close()
+        raise
     if cache_dir is not None:
         model.disk_cache = EmbeddingCache(cache_dir, model.identity, max_bytes=int(cache_gb * 2**30))
-    store = JobStore(output.with_name(output.name + ".sqlite"), output)
+
+    def reconciled(report) -> None:  # noqa: ANN001 - jobstore.ReconcileReport
+        for count, message in [(report.restored, "restored {} record{} missing from {}"),
+                               (report.replaced, "replaced {} stale or repeated record{} in {} with the job store's"),
+                               (report.foreign, "kept {} line{} of {} that this job did not write")]:
+            if count:
+                console.print(message.format(count, "" if count == 1 else "s", output.name),
+                              highlight=False, markup=False, soft_wrap=True)
+
     counts = {"done": 0, "skipped": 0, "failed": 0}
     started = time.perf_counter()
     columns = (TextColumn("ocr"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
@@ -258,12 +290,14 @@ def ocr(
         with Progress(*columns, console=console, disable=quiet or as_json) as bar:
             task = bar.add_task("ocr", total=len(refs), rate="")
             for result in run_ocr(model, refs, store, options, model_id=model.identity, retry_failed=retry_failed,
-                                  text_dir=text_dir):
+                                  text_dir=text_dir, on_reconcile=reconciled):
                 counts[result.status] += 1
                 if result.status == "failed":
                     console.print(f"[red]failed[/red] {result.ref.label}: {result.record['error']}", highlight=False)
                 minutes = (time.perf_counter() - started) / 60
                 bar.update(task, advance=1, rate=f"{counts['done'] / minutes:.1f} pages/min" if minutes else "")
+    except JobStoreError as e:
+        raise OcrInputError(str(e)) from None
     finally:
         store.close()
         model.close()

@@ -11,7 +11,9 @@ from gguf import GGUFWriter
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
-from .families import Family
+from minicpmv_edge.families import Family
+
+from .families import llm_config
 from .gguf_out import GgufPlan, PlannedTensor, SourcedTensor
 from .int4 import PACKED_PARTS, dequantizer, packed_shape, quant_method
 from .hparams import Transform, require
@@ -50,14 +52,16 @@ def _file_order(name: str) -> tuple[int, str]:
 
 def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan:
     layout = family.layout
-    config = layout.llm_config(checkpoint.config)
+    config = llm_config(family, checkpoint.config)
     n_layer = int(require(config, "num_hidden_layers"))
     n_vocab = int(require(config, "vocab_size"))
-    arch = llm_arch_for(config, family.llm)
+    arch = llm_arch_for(config, family.llm_arch)
+    arch.check_config(config)  # what the pinned llama.cpp cannot load fails here, before anything is written
     name_map = gguf.get_tensor_name_map(_arch_enum(arch.gguf_arch), n_layer)
 
     quantized = quant_method(checkpoint.config)  # quantization_config sits at the top
     named: list[SourcedTensor] = []
+    origins: dict[str, str] = {}  # GGUF name -> what it is made from, for the loader checks' messages
     for hf_name, ref in checkpoint.tensors.items():
         if not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):
             continue
@@ -75,10 +79,13 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
             raise ConversionError(f"no llama.cpp tensor for {hf_name} in a {arch.gguf_arch} model")
         shape, transform = arch.adapt(gguf_name, tuple(shape), config)
         named.append((gguf_name, shape, _source(checkpoint, hf_name, transform, load)))
+        origins[gguf_name] = hf_name
     for gguf_name, values in rope_factor_tensors(config).items():
         named.append((gguf_name, values.shape, _constant(values)))
+        origins[gguf_name] = "config.json's rope_scaling"
     if not any(name == "token_embd.weight" for name, _, _ in named):
         raise ConversionError(f"the checkpoint has no token embeddings (embed_tokens.weight under {layout.llm_prefix})")
+    arch.check_tensors(config, [(name, shape, origins[name]) for name, shape, _ in named])
     named.sort(key=lambda item: _file_order(item[0]))
 
     types = llm_tensor_types([(name, shape) for name, shape, _ in named], preset, n_layer)

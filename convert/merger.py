@@ -13,7 +13,9 @@ from gguf import GGUFWriter
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
-from .families import Family
+from minicpmv_edge.families import Family
+
+from .families import llm_config
 from .gguf_out import GgufPlan, SourcedTensor
 from .hparams import require
 from .mmproj import planned, reader, siglip_name_map, siglip_tensor, write_vision_metadata
@@ -75,7 +77,7 @@ def plan_merger_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset, m
         raise ConversionError(f"insert_layer_id {insert_layer} is outside the {n_layer} vision layers")
     tensors = planned(_source_tensors(checkpoint, vision, keep_vit_merger=mode == "16x"),
                       _REQUIRED | (_REQUIRED_16X if mode == "16x" else set()), preset)
-    llm_width = int(require(family.layout.llm_config(config), "hidden_size"))
+    llm_width = int(require(llm_config(family, config), "hidden_size"))
 
     def metadata(writer: GGUFWriter) -> None:
         write_vision_metadata(writer, family, preset, vision,

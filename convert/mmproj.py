@@ -12,7 +12,7 @@ from gguf import GGUFWriter
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
-from .families import Family
+from minicpmv_edge.families import Family
 from .gguf_out import GgufPlan, PlannedTensor, SourcedTensor
 from .hparams import require
 from .presets import Preset, mmproj_tensor_type

@@ -17,7 +17,9 @@ from gguf import GGUFWriter
 
 from .checkpoint import Checkpoint, open_checkpoint, resolve_source
 from .errors import ConversionError
-from .families import Family, detect_family
+from minicpmv_edge.families import Family
+
+from .families import detect_family
 from .ggml_quant import default_threads
 from .gguf_out import GgufPlan, check_free_space, temporary_path, value_count, write_gguf
 from .llm import plan_llm
@@ -72,7 +74,7 @@ def _prepare_outdir(outdir: Path) -> None:
 def _plan_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset,
                  downsample_mode: str | None) -> tuple[GgufPlan, str]:
     """The projector's plan, and what tells its file apart from other variants of the same model."""
-    if family.layout.projector == "merger":
+    if family.projector == "minicpmv4_6":
         mode = downsample_mode_of(checkpoint, downsample_mode)
         # The published default keeps the plain name; the 4x variant can sit beside it.
         return plan_merger_mmproj(checkpoint, family, preset, mode), "" if mode == "16x" else mode

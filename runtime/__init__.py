@@ -2,8 +2,8 @@
 
 from .engine import EngineError, Sampling
 from .images import ImageInputError
-from .model import ChatAnswer, GenerationResponse, Model, load
+from .model import ChatAnswer, ChatInputError, GenerationResponse, Model, load
 from .vision import VisionError
 
-__all__ = ["ChatAnswer", "EngineError", "GenerationResponse", "ImageInputError", "Model", "Sampling",
+__all__ = ["ChatAnswer", "ChatInputError", "EngineError", "GenerationResponse", "ImageInputError", "Model", "Sampling",
            "VisionError", "load"]

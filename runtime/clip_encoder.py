@@ -22,9 +22,15 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
+import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp
 from PIL import Image
+
+from .vision import VisionError
+
+# The llama-cpp-python release whose clip.cpp the two structs below mirror (pyproject.toml pins it).
+DECLARED_FOR = "0.3.36"
 
 _ENCODE = "_Z17clip_image_encodeP8clip_ctxiPK14clip_image_f32RSt6vectorIfSaIfEE"
 _N_OUTPUT_TOKENS = "_Z20clip_n_output_tokensPK8clip_ctxPK14clip_image_f32"
@@ -47,8 +53,22 @@ def _vector_over(array: np.ndarray) -> _FloatVector:
     return _FloatVector(start, start + array.nbytes, start + array.nbytes)
 
 
+def check_compatible(version: str = llama_cpp.__version__) -> None:
+    """Refuse a llama-cpp-python other than the one the struct layouts are declared for: a different
+    clip.cpp could read them as something else and crash inside the vision tower."""
+    if version != DECLARED_FOR:
+        raise VisionError(f"llama-cpp-python {version} is installed, but the vision encoder is built for "
+                          f"{DECLARED_FOR}: pip install llama-cpp-python=={DECLARED_FOR}")
+    lib = mtmd_cpp._libmtmd
+    missing = [name for name in (_ENCODE, _N_OUTPUT_TOKENS) if not hasattr(lib, name)]
+    if missing:
+        raise VisionError(f"libmtmd of llama-cpp-python {version} lacks {', '.join(missing)}: reinstall "
+                          f"llama-cpp-python=={DECLARED_FOR} from source")
+
+
 @lru_cache(maxsize=1)
 def _functions() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    check_compatible()
     lib = mtmd_cpp._libmtmd  # the libmtmd llama-cpp-python already loaded
     encode = getattr(lib, _ENCODE)
     encode.restype = ctypes.c_bool
@@ -67,7 +87,7 @@ class PieceEncoder:
         # mtmd_context's first member is its vision clip_ctx (tools/mtmd/mtmd.cpp, struct mtmd_context).
         self._clip = ctypes.cast(mtmd_context, ctypes.POINTER(ctypes.c_void_p))[0]
         if not self._clip:
-            raise RuntimeError("the mtmd context has no vision tower")
+            raise VisionError("the mmproj has no vision tower")
         self.n_embd, self.n_threads, self.patch_size = n_embd, n_threads, patch_size
         self._mean = np.asarray(mean, dtype=np.float32)
         self._std = np.asarray(std, dtype=np.float32)
@@ -77,7 +97,7 @@ class PieceEncoder:
         """[n_tokens, n_embd] embeddings of one RGB piece whose sides are multiples of the patch size."""
         width, height = piece.size
         if width % self.patch_size or height % self.patch_size:
-            raise ValueError(f"piece of {width}x{height} is not a multiple of the {self.patch_size}-pixel patch")
+            raise VisionError(f"piece of {width}x{height} is not a multiple of the {self.patch_size}-pixel patch")
         pixels = np.asarray(piece.convert("RGB"), dtype=np.float32) / np.float32(255.0)
         pixels = np.ascontiguousarray((pixels - self._mean) / self._std, dtype=np.float32)
         image = _ClipImageF32(nx=width, ny=height, buf=_vector_over(pixels))
@@ -85,5 +105,5 @@ class PieceEncoder:
         out = np.empty((n_tokens, self.n_embd), dtype=np.float32)
         vector = _vector_over(out)
         if not self._encode(self._clip, self.n_threads, ctypes.byref(image), ctypes.byref(vector)):
-            raise RuntimeError("the vision tower failed to encode an image piece")
+            raise VisionError(f"the vision tower failed to encode a {width}x{height} image piece")
         return out

@@ -54,6 +54,10 @@ class Engine:
     (piece key, row) pairs for positions filled by a row of an image piece's embeddings."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_batch: int = 512, repack: bool = False):
+        # Everything close() reads exists before anything can raise, so cleanup after a failed load is silent.
+        self.model = None
+        self.ctx = None
+        self._token_batch = None
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
@@ -69,8 +73,6 @@ class Engine:
         self.mrope = llama_cpp.llama_model_rope_type(self.model) in (
             llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE)
         self.n_threads, self.n_batch = n_threads, n_batch
-        self.ctx = None
-        self._token_batch = None
         self._embeddings: dict[object, np.ndarray] = {}
         self.history: list[object] = []
         self._create_context(n_ctx)
@@ -215,7 +217,8 @@ class Engine:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if sampling.repetition_penalty != 1.0:
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_penalties(64, sampling.repetition_penalty, 0.0, 0.0))
+                chain, llama_cpp.llama_sampler_init_penalties(llama_cpp.llama_vocab_n_tokens(self.vocab), 64,
+                                                              sampling.repetition_penalty, 0.0, 0.0))
         if sampling.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import json
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import jinja2.sandbox
 import llama_cpp
@@ -24,10 +25,10 @@ from PIL import Image
 
 from .engine import Engine, EngineError, Sampling
 from .clip_encoder import PieceEncoder
-from .embedding_cache import EmbeddingCache
+from .embedding_cache import DEFAULT_MEMORY_BYTES, EmbeddingCache, EmbeddingMemory
 from .images import image_digest, load_image
-from .info import describe_gguf
-from .slicing import DEFAULT_MAX_SLICE_NUMS, cut, frame_for, layout_parts, plan_slices
+from .pair import prompt_settings, read_metadata, resolve_pair
+from .slicing import cut, layout_parts, plan_slices
 from .vision import VisionTower
 
 # A 1344x1344 page with 9 slices is ~700 positions; contexts grow (doubling) when a chat needs more.
@@ -35,6 +36,10 @@ DEFAULT_CONTEXT = 2048
 THINK_START, THINK_END = "<think>", "</think>"
 # Stands for an image while the chat template renders; no tokenizer or user text produces it.
 IMAGE_SENTINEL = "\x00minicpmv-edge-image\x00"
+# An image piece's embeddings are keyed by (image digest, max_slice_nums, piece index); a prompt item is a
+# token id, or (piece key, row) for one position filled by a row of that piece's embeddings.
+PieceKey = tuple[str, int, int]
+PromptItem = Union[int, tuple[PieceKey, int]]
 
 
 @dataclass(frozen=True)
@@ -50,16 +55,25 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop", "length" on the last record
 
 
-@dataclass
-class ChatAnswer:
-    """What `chat()` returns: the answer, and the reasoning separately when thinking was on."""
+class ChatAnswer(str):
+    """What `chat()` returns: the answer as a `str` (so the published multi-turn code can append it to the
+    history), with the reasoning of thinking mode and the timings alongside."""
 
-    text: str
-    reasoning: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
+    reasoning: str
+    timings: dict[str, float]
 
-    def __str__(self) -> str:
-        return self.text
+    def __new__(cls, text: str, reasoning: str = "", timings: dict[str, float] | None = None) -> "ChatAnswer":
+        answer = super().__new__(cls, text)
+        answer.reasoning, answer.timings = reasoning, dict(timings or {})
+        return answer
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+
+class ChatInputError(ValueError):
+    """Messages or chat() arguments that do not make a prompt."""
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -74,24 +88,47 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def find_pair(folder: Path) -> tuple[Path, Path]:
-    """The language model and mmproj GGUF that `minicpmv convert` wrote into `folder`."""
-    ggufs = sorted(folder.glob("*.gguf"))
-    mmprojs = [p for p in ggufs if "mmproj" in p.name]
-    models = [p for p in ggufs if "mmproj" not in p.name]
-    if len(mmprojs) != 1 or len(models) != 1:
-        raise EngineError(f"{folder} should hold one model GGUF and one mmproj GGUF; found "
-                          f"{[p.name for p in ggufs] or 'none'}")
-    return models[0], mmprojs[0]
+# The published chat()'s generation settings: sampling=True samples with these (the keyword arguments of
+# the same names override them); sampling=False runs a 3-beam search there, greedy decoding here.
+PUBLISHED_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 100, "repetition_penalty": 1.05}
+GENERATION_KEYWORDS = {*PUBLISHED_SAMPLING, "do_sample", "num_beams"}
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], (dict, list)))
+
+
+def _content_parts(content: Any) -> list[Any]:
+    if isinstance(content, (str, Image.Image, bytes, Path)):
+        return [content]
+    if isinstance(content, (list, tuple)):
+        return list(content)
+    return [content]
 
 
 class Model:
-    def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool):
+    """A loaded pair: the decoder (`engine`), the vision tower and its piece encoder, and how the family's
+    official processor lays out prompts (`settings`). A context manager; `close()` frees llama.cpp's memory."""
+
+    def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool,
+                 embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES):
+        self.engine: Engine | None = None
+        self.vision: VisionTower | None = None
         # Names the model in batch-job keys and records: a different file means different answers.
         self.identity = f"{model_path.name}:{model_path.stat().st_size}+{mmproj_path.name}:{mmproj_path.stat().st_size}"
+        try:
+            self._open(model_path, mmproj_path, n_ctx, n_threads, repack)
+        except BaseException:
+            self.close()
+            raise
+        self.embeddings = EmbeddingMemory(embedding_memory_bytes)
+        self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
+
+    def _open(self, model_path: Path, mmproj_path: Path, n_ctx: int, n_threads: int, repack: bool) -> None:
+        projector = read_metadata(mmproj_path)
         self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
+        self.settings = prompt_settings(self._meta, projector)
         self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
-        projector = describe_gguf(mmproj_path)["metadata"]
         patch_size = int(projector.get("clip.vision.patch_size", 14))
         self.pieces = PieceEncoder(self.vision.context, self.engine.n_embd, n_threads,
                                    tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
@@ -100,19 +137,21 @@ class Model:
         merge = int(projector.get("clip.vision.projector.scale_factor", 1)) \
             if projector.get("clip.projector_type") == "minicpmv4_6" else 1
         self.piece_align = patch_size * merge
-        self.family = self._meta("minicpmv_edge.family") or ""
-        self.use_image_id = self._meta("minicpmv_edge.use_image_id") == "true"
-        self.max_slice_nums = int(self._meta("minicpmv_edge.max_slice_nums") or DEFAULT_MAX_SLICE_NUMS)
-        self.frame = frame_for(self.family)
         template = llama_cpp.llama_model_chat_template(self.engine.model, None)
         if not template:
-            raise EngineError(f"{model_path} carries no chat template")
+            raise EngineError(f"{model_path} carries no chat template (tokenizer.chat_template)")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self.template = env.from_string(template.decode())
         bos = llama_cpp.llama_vocab_bos(self.engine.vocab)
         self.bos = self.engine.piece(bos, special=True).decode(errors="ignore")
-        self._embeddings: dict[tuple[str, int, int], np.ndarray] = {}  # (digest, max_slice_nums, piece)
-        self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
+
+    @property
+    def family(self) -> str:
+        return self.settings.family.key
+
+    @property
+    def max_slice_nums(self) -> int:
+        return self.settings.max_slice_nums
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -120,8 +159,20 @@ class Model:
         return buf.value.decode() if n >= 0 else None
 
     def close(self) -> None:
-        self.vision.close()
-        self.engine.close()
+        if self.vision is not None:
+            self.vision.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the conversation held in the KV cache (the next prompt is decoded from the start)."""
+        self.engine.feed([], self.embeddings)
 
     # ---- prompt -----------------------------------------------------------------------------------------
 
@@ -132,18 +183,24 @@ class Model:
         where the user put it."""
         images: list[Any] = []
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        for msg in msgs:
+        if not msgs:
+            raise ChatInputError("msgs is empty: give at least one user message")
+        for number, msg in enumerate(msgs, 1):
+            if not isinstance(msg, dict):
+                raise ChatInputError(f"message {number} is a {type(msg).__name__}, not a dict with role and content")
             role, content = msg.get("role"), msg.get("content")
             if role not in ("user", "assistant", "system"):
-                raise ValueError(f"message role must be user, assistant or system, not {role!r}")
-            parts = [content] if isinstance(content, str) else list(content or [])
+                raise ChatInputError(f"message {number}: role must be user, assistant or system, not {role!r}")
             texts = []
-            for part in parts:
+            for part in _content_parts(content):
                 if isinstance(part, str):
                     texts.append(part)
-                else:
+                elif isinstance(part, (Image.Image, bytes, Path)):
                     images.append(load_image(part))
                     texts.append(IMAGE_SENTINEL)
+                else:
+                    raise ChatInputError(f"message {number} ({role}): a content part of type {type(part).__name__} "
+                                         "is neither text nor an image")
             messages.append({"role": role, "content": "\n".join(texts)})
         text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
                                     enable_thinking=enable_thinking)
@@ -151,16 +208,18 @@ class Model:
 
     def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
                 enable_thinking: bool = False, max_slice_nums: int | None = None,
-                use_image_id: bool | None = None) -> tuple[list[object], float]:
+                use_image_id: bool | None = None) -> tuple[list[PromptItem], float]:
         """Prompt items for the engine (token ids, and (piece key, row) for image embeddings) laid out as the
         family's official processor does, and the time spent encoding new pieces in ms."""
         texts, images = self._render(msgs, system_prompt, enable_thinking)
-        slices = self.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
+        slices = self.settings.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
         if slices < 1:
-            raise ValueError("max_slice_nums must be at least 1")
-        with_ids = self.use_image_id if use_image_id is None else use_image_id
+            raise ChatInputError(f"max_slice_nums must be at least 1, not {slices}")
+        with_ids = self.settings.use_image_id if use_image_id is None else use_image_id
+        frame = self.settings.family.frame
         encode_s = 0.0
-        items: list[object] = []
+        items: list[PromptItem] = []
+        used: list[PieceKey] = []
         for index, text in enumerate(texts):
             items.extend(self.engine.tokenize(text))
             if index == len(images):
@@ -169,23 +228,25 @@ class Model:
             layout = plan_slices(image.size, slices, self.piece_align)
             digest = image_digest(image)
             pieces: list[Image.Image] | None = None
-            for part in layout_parts(layout, self.frame, index if with_ids else None):
+            for part in layout_parts(layout, frame, index if with_ids else None):
                 if isinstance(part, str):
                     items.extend(self.engine.tokenize(part))
                     continue
                 key = (digest, slices, part)
-                if key not in self._embeddings and self.disk_cache is not None:
-                    cached = self.disk_cache.get(key)
-                    if cached is not None:
-                        self._embeddings[key] = cached
-                if key not in self._embeddings:
+                embeddings = self.embeddings.get(key)
+                if embeddings is None and self.disk_cache is not None:
+                    embeddings = self.disk_cache.get(key)
+                if embeddings is None:
                     pieces = pieces or cut(image, layout)
                     started = time.perf_counter()
-                    self._embeddings[key] = self.pieces.encode(pieces[part])
+                    embeddings = self.pieces.encode(pieces[part])
                     encode_s += time.perf_counter() - started
                     if self.disk_cache is not None:
-                        self.disk_cache.put(key, self._embeddings[key])
-                items.extend((key, row) for row in range(self._embeddings[key].shape[0]))
+                        self.disk_cache.put(key, embeddings)
+                self.embeddings.put(key, embeddings)
+                used.append(key)
+                items.extend((key, row) for row in range(embeddings.shape[0]))
+        self.embeddings.trim(protected=used)
         return items, encode_s * 1000
 
     # ---- generation -------------------------------------------------------------------------------------
@@ -198,7 +259,7 @@ class Model:
                                         max_slice_nums=max_slice_nums, use_image_id=use_image_id)
         self.engine.reserve(len(items) + max_new_tokens)
         started = time.perf_counter()
-        decoded = self.engine.feed(items, self._embeddings)
+        decoded = self.engine.feed(items, self.embeddings)
         prefill_s = time.perf_counter() - started
         prefill_tps = decoded / prefill_s if prefill_s > 0 else 0.0
         chain = self.engine.sampler(sampling)
@@ -219,16 +280,55 @@ class Model:
         finally:
             llama_cpp.llama_sampler_free(chain)
 
-    def chat(self, msgs: Sequence[dict[str, Any]], *, stream: bool = False, enable_thinking: bool = False,
-             max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             repetition_penalty: float = 1.0, seed: int = 0, max_slice_nums: int | None = None,
-             use_image_id: bool | None = None, system_prompt: str | None = None) -> ChatAnswer | Iterator[str]:
-        """The published `chat()` call shape. Returns the answer (reasoning separated), or with
-        `stream=True` an iterator of text pieces."""
-        records = self.stream_generate(
-            msgs, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking, use_image_id=use_image_id,
-            max_slice_nums=max_slice_nums,
-            sampling=Sampling(temperature, top_p, top_k, repetition_penalty, seed), system_prompt=system_prompt)
+    def chat(self, msgs: Any = None, image: Any = None, tokenizer: Any = None, processor: Any = None, *,
+             vision_hidden_states: Any = None, max_new_tokens: int = 2048, min_new_tokens: int = 0,
+             sampling: bool = True, max_inp_length: int | None = None, system_prompt: str = "",
+             stream: bool = False, max_slice_nums: int | None = None, use_image_id: bool | None = None,
+             temporal_ids: Any = None, enable_thinking: bool = False, seed: int = 0,
+             **generation: Any) -> ChatAnswer | list[ChatAnswer] | Iterator[str]:
+        """The published `chat()`: the same arguments, the same answer types. Returns the answer as a `str`
+        (`ChatAnswer`, with `.reasoning` and `.timings`), a list of them for a batch of conversations, or with
+        `stream=True` an iterator of text pieces.
+
+        `tokenizer`, `processor` and `max_inp_length` are accepted and unused: the GGUF carries the tokenizer
+        and the chat template, and the context bounds the prompt. `sampling=True` (the published default)
+        samples with the published settings, which `temperature`, `top_p`, `top_k` and `repetition_penalty`
+        override; `sampling=False` decodes greedily (the published code runs a 3-beam search)."""
+        if not _is_messages(msgs) and _is_messages(image):  # the published positional order is (image, msgs)
+            msgs, image = image, msgs
+        if isinstance(msgs, str):
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise ChatInputError(f"msgs is a string but not JSON: {e}") from None
+        unknown = sorted(set(generation) - GENERATION_KEYWORDS)
+        if unknown:
+            raise ChatInputError(f"chat() does not take {', '.join(unknown)}")
+        for name, value in (("vision_hidden_states", vision_hidden_states), ("temporal_ids", temporal_ids)):
+            if value is not None:
+                raise ChatInputError(f"chat(): {name} is not supported by this runtime yet")
+        if min_new_tokens:
+            raise ChatInputError("chat(): min_new_tokens is not supported by this runtime yet")
+        if not msgs:
+            raise ChatInputError("msgs is empty: give at least one user message")
+        if isinstance(msgs[0], list):
+            if image is not None or stream:
+                raise ChatInputError("a batch of conversations takes its images inside msgs and cannot stream")
+            return [self.chat(one, max_new_tokens=max_new_tokens, sampling=sampling, system_prompt=system_prompt,
+                              max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                              enable_thinking=enable_thinking, seed=seed, **generation) for one in msgs]
+        msgs = [dict(message) if isinstance(message, dict) else message for message in msgs]
+        if image is not None and isinstance(msgs[0], dict) and isinstance(msgs[0].get("content"), str):
+            msgs[0]["content"] = [image, msgs[0]["content"]]
+        if sampling:
+            settings = {**PUBLISHED_SAMPLING, **{k: v for k, v in generation.items() if k in PUBLISHED_SAMPLING}}
+            chosen = Sampling(float(settings["temperature"]), float(settings["top_p"]), int(settings["top_k"]),
+                              float(settings["repetition_penalty"]), seed)
+        else:
+            chosen = Sampling(0.0, repetition_penalty=float(generation.get("repetition_penalty", 1.0)), seed=seed)
+        records = self.stream_generate(msgs, max_new_tokens=max_new_tokens, sampling=chosen,
+                                       system_prompt=system_prompt or None, enable_thinking=enable_thinking,
+                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id)
         if stream:
             return (record.text for record in records)
         pieces, last = [], None
@@ -244,16 +344,12 @@ class Model:
 
 
 def load(model: str | Path, mmproj: str | Path | None = None, *, n_ctx: int = DEFAULT_CONTEXT,
-         n_threads: int | None = None, repack: bool = False) -> Model:
-    """Load a converted pair: the folder `minicpmv convert` wrote, or the two GGUF files."""
-    model_path = Path(model).expanduser()
-    if mmproj is None:
-        if not model_path.is_dir():
-            raise EngineError(f"{model_path} is not a folder; give the model GGUF and the mmproj GGUF")
-        model_path, mmproj_path = find_pair(model_path)
-    else:
-        mmproj_path = Path(mmproj).expanduser()
-    for path in (model_path, mmproj_path):
-        if not path.is_file():
-            raise EngineError(f"no such file: {path}")
-    return Model(model_path, mmproj_path, n_ctx=n_ctx, n_threads=n_threads or len(os.sched_getaffinity(0)), repack=repack)
+         n_threads: int | None = None, repack: bool = False,
+         embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES) -> Model:
+    """Load a GGUF pair: the folder `minicpmv convert` wrote (or any folder holding one model GGUF and one
+    mmproj GGUF), a GGUF repo on the hub as `owner/name[:QUANT]` (fetched into the HF cache once), or the
+    two files. `embedding_memory_bytes` bounds the image embeddings kept in memory beyond the current
+    conversation's."""
+    model_path, mmproj_path = resolve_pair(model, mmproj)
+    return Model(model_path, mmproj_path, n_ctx=n_ctx, n_threads=n_threads or len(os.sched_getaffinity(0)),
+                 repack=repack, embedding_memory_bytes=embedding_memory_bytes)

@@ -14,14 +14,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
 from .engine import EngineError
 from .images import ImageInputError, load_image
-from .jobstore import JobStore
+from .jobstore import JobStore, ReconcileReport
 from .model import Model
+from .vision import VisionError
 
 PROMPTS = {
     "text": "Extract all the text in this image, in reading order. Output only the text.",
@@ -148,8 +149,10 @@ def job_key(content_hash: str, model_id: str, options: OcrOptions) -> str:
 
 
 def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: OcrOptions, *, model_id: str,
-            retry_failed: bool = False, text_dir: Path | None = None) -> Iterator[PageResult]:
-    """OCR every page not done yet; yields one result per page (skipped pages included)."""
+            retry_failed: bool = False, text_dir: Path | None = None,
+            on_reconcile: Callable[[ReconcileReport], None] | None = None) -> Iterator[PageResult]:
+    """OCR every page not done yet; yields one result per page (skipped pages included). Before the first
+    page, the store puts the JSONL right and `on_reconcile` (if given) receives what it fixed."""
     work = []
     file_digests: dict[str, str] = {}
     for ref in refs:
@@ -158,7 +161,9 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
         except OSError as e:
             content_hash = f"unreadable:{ref.label}:{e}"
         work.append((ref, content_hash, job_key(content_hash, model_id, options)))
-    store.reconcile(retry=store.failed_keys() if retry_failed else ())
+    report = store.reconcile(retry=store.failed_keys() if retry_failed else ())
+    if on_reconcile is not None:
+        on_reconcile(report)
     for ref, content_hash, key in work:
         finished = store.lookup(key)
         if finished and (finished[0] == "done" or not retry_failed):
@@ -172,11 +177,11 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
         started = time.perf_counter()
         try:
             image = _render(ref, options.dpi)
-            answer = model.chat([{"role": "user", "content": [image, options.question]}],
+            answer = model.chat([{"role": "user", "content": [image, options.question]}], sampling=False,
                                 max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums)
             record.update(text=answer.text, timings=answer.timings, error=None)
             status = "done"
-        except (ImageInputError, EngineError, OSError) as e:
+        except (ImageInputError, EngineError, VisionError, OSError) as e:
             record.update(text=None, error=" ".join(str(e).split()))
             status = "failed"
         record["seconds"] = round(time.perf_counter() - started, 3)

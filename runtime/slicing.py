@@ -1,5 +1,5 @@
 """The official MiniCPM-V image layout (LLaVA-UHD slicing as the published image processors do it) and the
-text that frames each piece in the prompt, per family. Piece sides are multiples of the patch size (14), or
+text that frames each piece in the prompt (each family's `PieceFrame`, in the family registry). Piece sides are multiples of the patch size (14), or
 for MiniCPM-V 4.6 of the patch size times the merger's per-side merge factor (56 in 16x mode, 28 in 4x), as
 its processor aligns them.
 
@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 
 from PIL import Image
+
+from minicpmv_edge.families import PieceFrame
 
 SCALE_RESOLUTION = 448
 PATCH_SIZE = 14
@@ -96,26 +98,6 @@ def cut(image: Image.Image, layout: SliceLayout) -> list[Image.Image]:
             for left in range(0, layout.refined[0], width):
                 pieces.append(refined.crop((left, top, left + width, top + height)))
     return pieces
-
-
-@dataclass(frozen=True)
-class PieceFrame:
-    """The text around an image's pieces, as the family's processor (and llama.cpp's mtmd template) writes it."""
-
-    overview: tuple[str, str] = ("<image>", "</image>")
-    piece: tuple[str, str] = ("<slice>", "</slice>")
-    slices: tuple[str, str] = ("", "")  # around all slices (2.5 wraps them in <slice> ... </slice>)
-    row_separator: str = "\n"
-
-
-FRAMES: dict[str, PieceFrame] = {
-    "minicpm-llama3-v-2.5": PieceFrame(piece=("<image>", "</image>"), slices=("<slice>", "</slice>")),
-}
-DEFAULT_FRAME = PieceFrame()
-
-
-def frame_for(family: str) -> PieceFrame:
-    return FRAMES.get(family, DEFAULT_FRAME)
 
 
 def layout_parts(layout: SliceLayout, frame: PieceFrame, image_id: int | None) -> list[str | int]:

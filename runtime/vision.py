@@ -21,6 +21,7 @@ class VisionTower:
     """An mmproj loaded next to a language model (mtmd needs the model for its vocabulary and width)."""
 
     def __init__(self, mmproj: Path, llama_model: ctypes.c_void_p, n_threads: int, *, use_gpu: bool = False):
+        self._ctx = None  # close() reads it: set before anything can raise, so a failed load cleans up silently
         init_backend()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu

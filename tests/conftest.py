@@ -14,6 +14,23 @@ from minicpmv_edge.convert.synthetic import FAMILIES, MERGER_FAMILIES, make_chec
 ALL_FAMILIES = FAMILIES + MERGER_FAMILIES[:1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_weight_repacking() -> None:
+    """Tests that decode through llama-cpp-python's `Llama` get ggml's weight repacking off, as the runtime's
+    Engine has it: `Llama` leaves it on, and on CPUs with AMX (amx_int8) the pinned build's AMX matmul
+    segfaults decoding quantized weights (seen in gdb: ggml_backend_amx_mul_mat)."""
+    import llama_cpp.llama_cpp as bindings  # what llama_cpp.Llama calls
+
+    default_params = bindings.llama_model_default_params
+
+    def without_repacking():  # noqa: ANN202 - llama_model_params
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("minicpmv")
@@ -40,6 +57,37 @@ def converted(workdir: Path, tiny_checkpoint: Callable[[str], Path]) -> Callable
         if key not in done:
             done[key] = convert_checkpoint(tiny_checkpoint(family), workdir / "gguf" / family / preset, preset)
         return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llamacpp_pair(workdir: Path, tiny_checkpoint: Callable[[str], Path]) -> Callable[[str], object]:
+    """The GGUF pair (`.model`, `.mmproj`, `.steps`) that llama.cpp's own converters, from the pinned
+    llama-cpp-python sdist, make of a family's tiny checkpoint: tests/llamacpp_made.py. Built once per family;
+    skips when the sdist cannot be found or fetched."""
+    from llamacpp_made import LlamaCppUnavailable, build_pair, llama_cpp_source
+
+    made: dict[str, object] = {}
+    source: dict[str, object] = {}
+
+    def get(family: str) -> object:
+        if "dir" not in source:
+            try:
+                source["dir"] = llama_cpp_source()
+            except LlamaCppUnavailable as exc:
+                source["dir"] = exc
+        if isinstance(source["dir"], LlamaCppUnavailable):
+            pytest.skip(f"llama.cpp converters unavailable: {source['dir']}")
+        if family not in made:
+            try:
+                made[family] = build_pair(family, tiny_checkpoint(family), workdir / "llamacpp" / family,
+                                          source["dir"])
+            except Exception as exc:  # noqa: BLE001 - remembered so later tests do not rebuild a failing pair
+                made[family] = exc
+        if isinstance(made[family], Exception):
+            raise made[family]
+        return made[family]
 
     return get
 

@@ -96,9 +96,18 @@ def image_ids(items: list, image_token_id: int) -> list[int]:
     return [item if isinstance(item, int) else image_token_id for item in items]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_layout_matches_published_processor(mode: str, checkpoint: Path, runtime) -> None:  # noqa: ANN001
-    model = runtime(mode, "f16")
+@pytest.fixture(scope="module")
+def llamacpp_runtime(llamacpp_pair):  # noqa: ANN001, ANN201
+    """The pair llama.cpp's own `convert_hf_to_gguf.py` (and `--mmproj`, 16x) makes of the same checkpoint."""
+    pair = llamacpp_pair("minicpm-v-4.6")
+    with load(pair.model, pair.mmproj) as model:
+        yield model
+
+
+@pytest.mark.parametrize(("mode", "source"), [("16x", "ours"), ("4x", "ours"), ("16x", "llama.cpp")])
+def test_layout_matches_published_processor(mode: str, source: str, checkpoint: Path, runtime,  # noqa: ANN001
+                                            request: pytest.FixtureRequest) -> None:
+    model = runtime(mode, "f16") if source == "ours" else request.getfixturevalue("llamacpp_runtime")
     published = processor(checkpoint, mode)
     tokenizer = published.tokenizer
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
@@ -147,12 +156,12 @@ def test_logits_and_greedy_generation_match_transformers(mode: str, checkpoint: 
         expected_tokens = reference.generate(input_ids=ids, **inputs, max_new_tokens=32, do_sample=False)[0]
 
     ours = np.zeros_like(expected)
-    model.engine.history = []
+    model.reset()
 
     def keep(start: int, rows: np.ndarray) -> None:
         ours[start:start + len(rows)] = rows[:, : expected.shape[1]]
 
-    model.engine.feed(items, model._embeddings, on_logits=keep)
+    model.engine.feed(items, model.embeddings, on_logits=keep)
     assert (ours.argmax(-1) == expected.argmax(-1)).all()
     assert np.abs(ours - expected).max() < 0.01
     tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=32)]

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from minicpmv_edge.runtime.jobstore import JobStore
 from minicpmv_edge.runtime.ocr import OcrInputError, iter_pages, parse_page_ranges
 
 N_IMAGES, N_PDF_PAGES = 8, 5
@@ -116,17 +115,6 @@ def test_retry_failed_reprocesses_and_keeps_one_record(model_dir: Path, corpus: 
     assert ocr(model_dir, corpus / "corrupt.png", output).wait(timeout=300) == 1  # still failed: non-zero
 
 
-def test_jobstore_drops_a_half_written_line_and_appends_what_is_missing(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "db.sqlite", tmp_path / "out.jsonl")
-    store.finish("a", "x.png", 1, "done", {"key": "a", "text": "A"})
-    store.db.execute("INSERT INTO pages VALUES ('b', 'y.png', 1, 'done', ?, 0, 0)", (json.dumps({"key": "b"}),))
-    with open(tmp_path / "out.jsonl", "a") as f:
-        f.write('{"key": "b", "te')  # killed mid-append
-    store.reconcile()
-    assert [json.loads(line)["key"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a", "b"]
-    store.close()
-
-
 def test_cli_bad_inputs_are_one_line(model_dir: Path, tmp_path: Path) -> None:
     for args, needle in [([str(tmp_path / "missing")], "no such file"), ([str(tmp_path / "*.png")], "matches no"),
                          ([str(tmp_path), "--pages", "x"], "page ranges")]:
@@ -172,6 +160,7 @@ def test_minicpm_v_4_6_batch_equals_one_page_at_a_time(corpus: Path, converted, 
     for name in ("scan00.png", "scan03.png"):
         fresh = load(model_dir)
         path = next(corpus.rglob(name))
-        answer = fresh.chat([{"role": "user", "content": [Image.open(path), PROMPTS["text"]]}], max_new_tokens=24)
+        answer = fresh.chat([{"role": "user", "content": [Image.open(path), PROMPTS["text"]]}], max_new_tokens=24,
+                           sampling=False)
         fresh.close()
         assert [text for (source, _), text in done.items() if source == name] == [answer.text]

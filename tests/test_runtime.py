@@ -45,11 +45,11 @@ def test_second_turn_reuses_cache_and_image_embeddings(model) -> None:
     image = picture(seed=1)
     first = [{"role": "user", "content": [image, "Describe it."]}]
     answer = model.chat(first, max_new_tokens=6)
-    encoded = dict(model._embeddings)
-    follow_up = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": "More?"}]
+    encoded = model.embeddings.keys()
+    follow_up = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "More?"}]
     items, encode_ms = model.prepare(follow_up)
-    assert encode_ms == 0.0 and model._embeddings.keys() == encoded.keys()
-    decoded = model.engine.feed(items, model._embeddings)
+    assert encode_ms == 0.0 and model.embeddings.keys() == encoded
+    decoded = model.engine.feed(items, model.embeddings)
     assert decoded < len(items) // 2  # only the new turn's tokens
 
 
@@ -151,3 +151,66 @@ def test_cli_chat_session(model_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "1 image(s) attached" in proc.stderr and "thinking on" in proc.stderr
     assert "image not found" in proc.stderr
+
+
+def test_vision_path_errors_are_the_runtime_s_one_line_errors(model) -> None:
+    from minicpmv_edge.runtime import VisionError
+    from minicpmv_edge.runtime.clip_encoder import check_compatible
+
+    with pytest.raises(VisionError, match=r"piece of 450x448 is not a multiple of the 14-pixel patch"):
+        model.pieces.encode(picture((450, 448)))
+    with pytest.raises(VisionError, match=r"llama-cpp-python 0\.3\.35 is installed.*pip install llama-cpp-python==0\.3\.36"):
+        check_compatible("0.3.35")
+    check_compatible()  # the installed one is the pinned one
+
+
+def test_the_declared_clip_layout_is_the_pinned_release() -> None:
+    import tomllib
+
+    from minicpmv_edge.runtime.clip_encoder import DECLARED_FOR
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert f"llama-cpp-python=={DECLARED_FOR}" in project["dependencies"]
+
+
+def test_embedding_memory_is_least_recently_used_and_keeps_what_is_protected() -> None:
+    from minicpmv_edge.runtime.embedding_cache import EmbeddingMemory
+
+    memory = EmbeddingMemory(max_bytes=3 * 400)
+    for key in "abcd":
+        memory.put(key, np.zeros(100, dtype=np.float32))  # 400 bytes each
+    memory.get("a")  # used again: b is now the oldest
+    memory.trim(protected=["b"])
+    assert memory.keys() == ["b", "d", "a"] and memory.nbytes == 1200
+    memory.trim(protected=[])
+    assert memory.nbytes <= 1200
+    memory.put("e", np.zeros(100, dtype=np.float32))
+    memory.trim(protected="bdae")  # all protected: over the bound, nothing dropped
+    assert len(memory) == 4 and memory.nbytes == 1600
+
+
+def test_a_long_batch_keeps_the_embedding_memory_bounded(model_dir: Path) -> None:
+    with load(model_dir, n_ctx=512, embedding_memory_bytes=0) as bounded:
+        bounded.chat([{"role": "user", "content": [picture((448, 448), 0), "Hi"]}], max_new_tokens=1, sampling=False)
+        piece = bounded.embeddings.nbytes  # the current prompt's piece stays, bound or not
+        bounded.embeddings.max_bytes = 2 * piece
+        for seed in range(1, 7):
+            bounded.chat([{"role": "user", "content": [picture((448, 448), seed), "Hi"]}], max_new_tokens=1,
+                         max_slice_nums=1, sampling=False)
+            assert bounded.embeddings.nbytes <= 2 * piece
+        # Everything the current conversation shows stays, even past the bound.
+        many = [{"role": "user", "content": [*(picture((448, 448), s) for s in range(10, 14)), "Compare."]}]
+        bounded.chat(many, max_new_tokens=1, max_slice_nums=1, sampling=False)
+        assert len(bounded.embeddings) == 4
+        _, encode_ms = bounded.prepare(many, max_slice_nums=1)
+        assert encode_ms == 0.0
+
+
+def test_cli_hub_model_offline_without_cache_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-m", "minicpmv_edge.cli.main", "ask", "openbmb/MiniCPM-V-4_5-gguf:Q4_K_M",
+                           "Hi"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "openbmb/MiniCPM-V-4_5-gguf" in proc.stderr and "offline" in proc.stderr
