@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .families import TINY, Family, get_family, longrope_factors
 from . import minicpmv4_6
@@ -19,8 +19,9 @@ Size = Literal["tiny", "full"]
 VOCAB_PAD = 64   # published vocab sizes are padded too; tiny ones round len(tokenizer) up to this
 
 
-def dims(family: str, size: Size = "tiny") -> dict[str, Any]:
-    """Concrete numbers behind every ``$name`` placeholder of the family's templates."""
+def dims(family: str, size: Size = "tiny", overrides: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Concrete numbers behind every ``$name`` placeholder of the family's templates. `overrides` replaces
+    some of them (e.g. ``{"hidden": 4096, "layers": 1}``: a tiny model with a published embedding width)."""
     fam = get_family(family)
     tok_size = build_tokenizer(family).size
     if size == "tiny":
@@ -33,6 +34,10 @@ def dims(family: str, size: Size = "tiny") -> dict[str, Any]:
             raise ValueError(f"{family}: tokenizer ({tok_size}) exceeds the published vocab_size {d['vocab']}")
     else:
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    unknown = sorted(set(overrides or {}) - set(d) - {"head_dim"})
+    if unknown:
+        raise ValueError(f"{family}: no such dimension to override: {', '.join(unknown)}")
+    d.update(overrides or {})
     d["longrope"] = longrope_factors(d.get("head_dim") or d["hidden"] // d["heads"])
     return d
 
@@ -42,8 +47,9 @@ def plan_tensors(family: str, size: Size = "tiny") -> list[Entry]:
     return plan_from_dims(get_family(family), dims(family, size))
 
 
-def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
-    d = dims(fam.key, size)
+def _write_into(folder: Path, fam: Family, size: Size, seed: int,
+                overrides: Mapping[str, int] | None = None) -> None:
+    d = dims(fam.key, size, overrides)
     tok = build_tokenizer(fam.key)
     write_json(folder / "config.json", render(fam.config, d, tok.vocab))
     write_json(folder / "generation_config.json", render(fam.generation_config, d, tok.vocab))
@@ -62,22 +68,26 @@ def _write_into(folder: Path, fam: Family, size: Size, seed: int) -> None:
     write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def make_checkpoint(family: str, out_dir: str | os.PathLike[str], size: Size = "tiny", seed: int = 0) -> Path:
+def make_checkpoint(family: str, out_dir: str | os.PathLike[str], size: Size = "tiny", seed: int = 0,
+                    overrides: Mapping[str, int] | None = None) -> Path:
     """Write a random-weight checkpoint of `family` in its published Hugging Face layout.
 
     `family` is one of `FAMILIES` (resampler families, written here) or `MERGER_FAMILIES`
     (MiniCPM-V 4.6, built by transformers itself: `minicpmv4_6.py`, needs the `test` extra).
     The folder is assembled beside `out_dir` and renamed into place, so readers never see a
-    half-written checkpoint; an existing `out_dir` is replaced.
+    half-written checkpoint; an existing `out_dir` is replaced. `overrides` (resampler families only)
+    replaces some of the size's dimensions: see `dims`.
     """
     if family in MERGER_FAMILIES:
+        if overrides:
+            raise ValueError(f"{family}: overrides apply to the resampler families only")
         def write(tmp: Path) -> None:
             minicpmv4_6.write_into(tmp, family, size, seed)
     else:
         fam = get_family(family)
 
         def write(tmp: Path) -> None:
-            _write_into(tmp, fam, size, seed)
+            _write_into(tmp, fam, size, seed, overrides)
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
     out = Path(out_dir).resolve()
