@@ -4,7 +4,7 @@ off (1024 MiB holds all 400 pages), on a model whose embeddings are 1 MiB per pi
 (64 query tokens x 4096 floats x 4 bytes) with everything else tiny, so 400 pages take minutes.
 
 Each run is its own child process executing the `minicpmv ocr` entry point; its peak is its own VmHWM (read
-in the child at exit, see bench/runtime.py's peak_rss_bytes), and the parent samples the child's VmRSS as the
+in the child at exit, see common/system.py's address_space_peak_rss_bytes), and the parent samples the child's VmRSS as the
 JSONL grows. The criterion: peak(400 pages) - peak(40 pages) <= the bound. JSON and Markdown under
 bench/results/ (batch-memory.json / .md).
 
@@ -19,8 +19,6 @@ import argparse
 import atexit
 import json
 import os
-import platform
-import re
 import runpy
 import subprocess
 import sys
@@ -29,7 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ocr import CLI, document_page  # noqa: E402 - bench/ocr.py: the generated document pages
-from runtime import RESULTS, peak_rss_bytes  # noqa: E402 - bench/runtime.py: VmHWM of this process
+from report import save  # noqa: E402 - bench/report.py
+
+from minicpmv_edge.common.platform import cpu_flags, proc_status_kib  # noqa: E402
+from minicpmv_edge.common.system import address_space_peak_rss_bytes  # noqa: E402
 
 FAMILY = "minicpm-v-4.5"
 # The language model's width is 4.5's (hidden 4096; the family's query_num is 64): 1 MiB of float32 per
@@ -41,19 +42,10 @@ RUNS = [(40, 64), (400, 64), (40, 1024), (400, 1024)]   # (pages, --embedding-me
 PEAK_ENV = "MINICPMV_BENCH_PEAK_FILE"
 
 
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide llama.cpp's kernels: avx2, avx512*, *vnni."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return sorted(f for f in line.split(":", 1)[1].split()
-                          if f == "avx2" or f.startswith("avx512") or "vnni" in f)
-    return []
-
-
 def prepare(workdir: Path, preset: str, pages: int) -> tuple[Path, Path]:
     """The checkpoint, its conversion, and `pages` distinct document pages, made once."""
     from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.convert.synthetic import make_checkpoint
+    from minicpmv_edge.synthetic import make_checkpoint
 
     checkpoint, gguf_dir, page_dir = workdir / "checkpoint", workdir / f"gguf-{preset}", workdir / "pages"
     if not (checkpoint / "config.json").is_file():
@@ -66,14 +58,6 @@ def prepare(workdir: Path, preset: str, pages: int) -> tuple[Path, Path]:
         if not path.exists():
             document_page(i, PAGE_SIZE).save(path)
     return gguf_dir, page_dir
-
-
-def status_kib(pid: int) -> dict[str, int]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
 
 
 def run_one(gguf_dir: Path, inputs: str, pages: int, memory_mb: int, workdir: Path, sample_s: float) -> dict:
@@ -90,7 +74,7 @@ def run_one(gguf_dir: Path, inputs: str, pages: int, memory_mb: int, workdir: Pa
                             env={**os.environ, PEAK_ENV: str(peak_file)})
     samples = []   # (seconds, pages in the JSONL, VmRSS MiB)
     while proc.poll() is None:
-        kib = status_kib(proc.pid)
+        kib = proc_status_kib(proc.pid)
         if "VmRSS" in kib:
             done = output.read_bytes().count(b"\n") if output.exists() else 0
             samples.append((round(time.perf_counter() - started, 1), done, round(kib["VmRSS"] / 1024, 1)))
@@ -130,15 +114,14 @@ def markdown(result: dict) -> str:
     for bound, row in result["differences"].items():
         lines.append(f"| {bound} | {row['diff_mib']:.1f} | {row['embeddings_kept_diff_mib']:g} | "
                      f"{'yes' if row['within_bound'] else 'NO'} |")
-    lines += ["", f"cpu flags: {' '.join(result['cpu_flags']) or '(none of avx2/avx512*/vnni)'}",
-              f"machine: {result['machine']}", f"command: `{' '.join(result['runs'][1]['command'])}`", ""]
+    lines += ["", f"command: `{' '.join(result['runs'][1]['command'])}`", ""]
     return "\n".join(lines)
 
 
 def child(ocr_args: list[str]) -> None:
     """Run the `minicpmv` entry point in this process and, at exit, write this process's VmHWM."""
     peak_file = os.environ[PEAK_ENV]
-    atexit.register(lambda: Path(peak_file).write_text(json.dumps({"peak_rss_bytes": peak_rss_bytes()})))
+    atexit.register(lambda: Path(peak_file).write_text(json.dumps({"peak_rss_bytes": address_space_peak_rss_bytes()})))
     sys.argv = ["minicpmv", *ocr_args]
     runpy.run_module(CLI[-1], run_name="__main__", alter_sys=True)
 
@@ -177,12 +160,8 @@ def main() -> None:
                         "piece_mib": PIECE_BYTES / 2**20, "gguf_bytes": gguf},
               "page_size": "x".join(map(str, PAGE_SIZE)), "runs": runs, "differences": differences,
               "criterion": "peak RSS(400 pages) - peak RSS(40 pages) <= --embedding-memory-mb",
-              "cpu_flags": cpu_flags(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch-memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "batch-memory.md").write_text(markdown(result))
-    print(markdown(result))
+}
+    save("batch-memory", result, markdown)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from minicpmv_edge.common.system import rusage_peak_bytes
+from report import save  # bench/report.py
+
 # llama.cpp's flow (surgery, image encoder, convert_hf_to_gguf F16, llama-quantize Q4_K_M) on the
 # full-size 4.5 layout, 2 cores: ../shared/docs/peer-figures.md.
 PEER_4_5_Q4_K_M = {"source": "shared/docs/peer-figures.md", "wall_s": 600.0, "peak_rss_bytes": int(15.7e9),
@@ -36,7 +37,7 @@ def run_measured(command: list[str]) -> dict:
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"command failed: {' '.join(command)}\n{stderr}")
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": rusage_peak_bytes(usage),
             "io_written_bytes": usage.ru_oublock * 512, "stdout": stdout}
 
 
@@ -51,8 +52,7 @@ def markdown(result: dict) -> str:
     if peer:
         lines += ["", f"wall ratio ours/peer: {ours['wall_s'] / peer['wall_s']:.2f}; "
                       f"peak RSS ratio: {ours['peak_rss_bytes'] / peer['peak_rss_bytes']:.3f}"]
-    lines += ["", f"output files: {', '.join(f'{n} ({s / 1e9:.2f} GB)' for n, s in ours['files'].items())}",
-              f"machine: {result['machine']}"]
+    lines += ["", f"output files: {', '.join(f'{n} ({s / 1e9:.2f} GB)' for n, s in ours['files'].items())}"]
     return "\n".join(lines) + "\n"
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--peer-json", type=Path, help="a measurement of llama.cpp's flow to show instead")
     args = parser.parse_args()
 
-    from minicpmv_edge.convert.synthetic import make_checkpoint
+    from minicpmv_edge.synthetic import make_checkpoint
 
     checkpoint = args.workdir / f"{args.family}-{args.size}"
     generated_s = None
@@ -90,13 +90,8 @@ def main() -> None:
     checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     result = {"family": args.family, "size": args.size, "preset": args.preset,
               "checkpoint_bytes": checkpoint_bytes, "checkpoint_generation_s": generated_s,
-              "ours": ours, "peer": peer,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"convert-{args.family}-{args.size}-{args.preset}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+              "ours": ours, "peer": peer}
+    save(f"convert-{args.family}-{args.size}-{args.preset}", result, markdown)
 
 
 if __name__ == "__main__":

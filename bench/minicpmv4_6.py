@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import QUESTION, RESULTS, bench_image, engine_table, peak_rss_bytes, run_ours  # noqa: E402 - bench/runtime.py, the same image and prompt
+from report import save  # noqa: E402 - bench/report.py
+from runtime import QUESTION, bench_image, engine_table, run_ours  # noqa: E402 - bench/runtime.py, the same image and prompt
+
+from minicpmv_edge.common.system import address_space_peak_rss_bytes, default_threads  # noqa: E402
 
 FAMILY = "minicpm-v-4.6"
 ENGINES = ("ours 16x", "ours 4x", "transformers 16x", "transformers 4x")
@@ -31,7 +32,7 @@ ENGINES = ("ours 16x", "ours 4x", "transformers 16x", "transformers 4x")
 def prepare(workdir: Path) -> tuple[Path, Path]:
     """The full-size checkpoint and its Q4_K_M conversion (both mmproj modes), made once."""
     from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.convert.synthetic import make_checkpoint
+    from minicpmv_edge.synthetic import make_checkpoint
 
     checkpoint, gguf_dir = workdir / "checkpoint", workdir / "q4_k_m"
     if not (checkpoint / "config.json").exists():
@@ -75,7 +76,7 @@ class TransformersModel:
         from transformers import MiniCPMV4_6ForConditionalGeneration
         from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(default_threads())
         self.torch, self.mode = torch, mode
         self.model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
         self.images = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)
@@ -129,7 +130,7 @@ def child(engine: str, checkpoint: Path, gguf_dir: Path, max_new_tokens: int) ->
     mode = engine.rsplit(" ", 1)[1]
     result = (run_ours(gguf_pair(gguf_dir, mode), max_new_tokens) if engine.startswith("ours")
               else run_transformers(checkpoint, gguf_dir, mode, max_new_tokens))
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["peak_rss_bytes"] = address_space_peak_rss_bytes()
     return result
 
 
@@ -141,7 +142,6 @@ def markdown(result: dict) -> str:
         ("load s", "load_s", ".1f"), ("prompt tokens", "prompt_tokens", "d"),
         ("image encode ms", "image_encode_ms", ",.0f"), ("TTFT s", "time_to_first_token_s", ".2f"),
         ("decode tok/s", "decode_tokens_per_s", ".2f"), ("peak RSS GiB", "peak_rss_gib", ".2f")])
-    lines += ["", f"machine: {result['machine']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -167,12 +167,8 @@ def main() -> None:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(engine, results[engine], flush=True)
     result = {"max_new_tokens": args.max_new_tokens, "engines": results,
-              "gguf_bytes": sum(p.stat().st_size for p in gguf_dir.glob("*.gguf")),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "minicpm-v-4.6-full-q4_k_m.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "minicpm-v-4.6-full-q4_k_m.md").write_text(markdown(result))
-    print(markdown(result))
+              "gguf_bytes": sum(p.stat().st_size for p in gguf_dir.glob("*.gguf"))}
+    save("minicpm-v-4.6-full-q4_k_m", result, markdown)
 
 
 if __name__ == "__main__":

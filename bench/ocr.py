@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minicpmv4_6 import TransformersModel, prompt_ids  # noqa: E402 - bench/minicpmv4_6.py
 
 from minicpmv_edge.runtime.ocr import PROMPTS  # noqa: E402
+from report import save  # bench/report.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLI = [sys.executable, "-m", "minicpmv_edge.cli.main"]
 
 
@@ -117,18 +115,13 @@ def main() -> None:
     result = {"label": label, "pages": n_pages, "pages_done": done, "page_size": args.page_size,
               "max_new_tokens": args.max_new_tokens,
               "flows": {name: {"seconds": round(seconds, 1), "pages_per_min": round(n_pages / seconds * 60, 2),
-                               "ours_speedup": round(seconds / ours_s, 2)} for name, seconds in flows.items()},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"ocr-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = "\n".join([
+                               "ours_speedup": round(seconds / ours_s, 2)} for name, seconds in flows.items()}}
+    save(f"ocr-{label}", result, lambda result: "\n".join([
         f"# Batch OCR: {label}, {n_pages} pages of {args.page_size} ({args.images} images + a {args.pdf_pages}-page PDF), "
         f"{args.max_new_tokens} new tokens", "", "| flow | seconds | pages/min | minicpmv ocr is faster by |",
         "|---|---:|---:|---:|",
         *(f"| {name} | {row['seconds']:.1f} | {row['pages_per_min']:.2f} | {row['ours_speedup']:.2f}x |"
-          for name, row in result["flows"].items()), "", f"machine: {result['machine']}", ""])
-    (RESULTS / f"ocr-{label}.md").write_text(table)
-    print(table)
+          for name, row in result["flows"].items()), ""]))
 
 
 if __name__ == "__main__":

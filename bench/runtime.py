@@ -15,15 +15,14 @@ import argparse
 import base64
 import io
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from minicpmv_edge.common.system import address_space_peak_rss_bytes, children_peak_rss_bytes, default_threads
+from report import save  # bench/report.py
+
 QUESTION = "Describe this picture in detail."
 
 
@@ -65,7 +64,7 @@ def run_peer(model_dir: Path, max_new_tokens: int, n_ctx: int) -> dict:
     [mmproj] = list(model_dir.glob("mmproj*.gguf"))
     started = time.perf_counter()
     llm = Llama(str(model_path), chat_handler=MiniCPMv26ChatHandler(clip_model_path=str(mmproj), verbose=False),
-                n_ctx=n_ctx, n_threads=len(os.sched_getaffinity(0)), verbose=False)
+                n_ctx=n_ctx, n_threads=default_threads(), verbose=False)
     loaded = time.perf_counter()
     url = "data:image/png;base64," + base64.b64encode(bench_image()).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -91,23 +90,14 @@ def run_mtmd_cli(model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str) -> 
     return {"wall_s": time.perf_counter() - started}
 
 
-def peak_rss_bytes() -> int:
-    """This process's own peak RSS. getrusage's ru_maxrss survives exec, so a child started by a parent that
-    once held a large model would report the parent's peak; VmHWM belongs to the new address space."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(engine: str, model_dir: Path, max_new_tokens: int, n_ctx: int, cli: str | None) -> dict:
     runner = {"ours": run_ours, "llama-cpp-python chat handler": run_peer,
               "ours, weight repacking on": lambda *a: run_ours(*a, repack=True)}
     result = (run_mtmd_cli(model_dir, max_new_tokens, n_ctx, cli) if engine == "llama-mtmd-cli"
               else runner[engine](model_dir, max_new_tokens, n_ctx))
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    if engine == "llama-mtmd-cli":
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    # This child's own peak (VmHWM: ru_maxrss would include the parent's before exec), or the CLI's.
+    result["peak_rss_bytes"] = (children_peak_rss_bytes() if engine == "llama-mtmd-cli"
+                                else address_space_peak_rss_bytes())
     return result
 
 
@@ -129,7 +119,6 @@ def markdown(result: dict) -> str:
         ("load s", "load_s", ".1f"), ("image encode ms", "image_encode_ms", ",.0f"),
         ("TTFT s", "time_to_first_token_s", ".2f"), ("decode tok/s", "decode_tokens_per_s", ".2f"),
         ("peak RSS GiB", "peak_rss_gib", ".2f")])
-    lines += ["", f"machine: {result['machine']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -166,12 +155,8 @@ def main() -> None:
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     label = args.label or args.model_dir.name
     result = {"label": label, "max_new_tokens": args.max_new_tokens, "n_ctx": args.n_ctx,
-              "gguf_bytes": sum(p.stat().st_size for p in args.model_dir.glob("*.gguf")), "engines": results,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"runtime-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"runtime-{label}.md").write_text(markdown(result))
-    print(markdown(result))
+              "gguf_bytes": sum(p.stat().st_size for p in args.model_dir.glob("*.gguf")), "engines": results}
+    save(f"runtime-{label}", result, markdown)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def demo_image() -> Image.Image:
 def prepared_model(preset: str = "q4_k_m") -> Path:
     """The converted tiny pair, built on first use and reused while the package version is unchanged."""
     from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.convert.synthetic import make_checkpoint
+    from minicpmv_edge.synthetic import make_checkpoint
 
     folder = cache_root() / f"{DEMO_FAMILY}-{preset}"
     stamp = folder / "stamp"

@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert and run MiniCPM-V vision-language models on a CPU with llama.cpp.")
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
+# -t / --threads means the same in every command that runs llama.cpp or the quantizer.
+_THREADS = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: every core this process may use)")
 
 
 @app.callback()
@@ -68,7 +70,7 @@ def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, or a hub id such as openbmb/MiniCPM-V-4_5"),
     outdir: Path = typer.Option(..., "--outdir", "-o", help="Folder for the two GGUF files"),
     preset: str = typer.Option("q4_k_m", "--preset", "-p", help="Quantization preset (quant_presets/)"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantizer threads (default: all cores)"),
+    threads: Optional[int] = _THREADS,
     downsample_mode: Optional[str] = typer.Option(
         None, "--downsample-mode", help="MiniCPM-V 4.6 only: 16x (published default) or 4x (4x more image tokens)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary"),
@@ -100,7 +102,7 @@ def _model_and_rest(args: list[str], what: str) -> tuple[list[str], list[str]]:
 
     model, rest = split_model_arguments(args)
     if not model:
-        raise typer.BadParameter(f"give MODEL then {what}")
+        raise typer.BadParameter(f"give MODEL then {what}", param_hint="MODEL")
     return model, rest
 
 
@@ -128,7 +130,7 @@ def _stream(records, as_json: bool) -> None:  # noqa: ANN001 - iterator of Gener
 
 @app.command()
 @one_line_errors
-def demo(max_new_tokens: int = typer.Option(24, help="Tokens to generate")) -> None:
+def demo(max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1, help="Tokens to generate")) -> None:
     """Build (once) a tiny synthetic MiniCPM-V 4.5, convert it, and ask it about a picture."""
     from .demo import DEMO_QUESTION, cache_root, run_demo
 
@@ -143,13 +145,15 @@ def demo(max_new_tokens: int = typer.Option(24, help="Tokens to generate")) -> N
 @app.command()
 @one_line_errors
 def ask(
-    args: list[str] = typer.Argument(..., help="MODEL (folder, or model GGUF + mmproj GGUF) then the question"),
+    args: list[str] = typer.Argument(..., metavar="MODEL QUESTION",
+                                     help="MODEL (folder, or model GGUF + mmproj GGUF) then the question"),
     image: list[Path] = typer.Option([], "--image", "-i", help="An image (repeat for several)"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 for greedy decoding"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 for greedy decoding"),
+    threads: Optional[int] = _THREADS,
     think: bool = typer.Option(False, "--think", help="Thinking mode (Qwen3-based families)"),
-    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", help="Slices per image (default: the "
-                                                 "family's published setting)"),
+    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", min=1, help="Slices per image "
+                                                 "(default: the family's published setting)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
 ) -> None:
     """Ask one question about images; the answer streams to stdout."""
@@ -157,8 +161,8 @@ def ask(
 
     model_args, question = _model_and_rest(args, "one question")
     if len(question) != 1:
-        raise typer.BadParameter("give MODEL then one question (quote it)")
-    model = _load(model_args)
+        raise typer.BadParameter("one question after MODEL (quote it)", param_hint="MODEL QUESTION")
+    model = _load(model_args, n_threads=threads)
     try:
         msgs = [{"role": "user", "content": [*image, question[0]]}]
         _stream(model.stream_generate(msgs, max_new_tokens=max_new_tokens, enable_thinking=think,
@@ -172,7 +176,8 @@ def ask(
 @one_line_errors
 def chat(
     model_paths: list[str] = typer.Argument(..., metavar="MODEL"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
+    threads: Optional[int] = _THREADS,
 ) -> None:
     """Interactive chat. /image PATH attaches an image, /reset clears, /think on|off, /quit exits."""
     from minicpmv_edge.runtime import ImageInputError
@@ -180,8 +185,8 @@ def chat(
 
     model_args, extra = _model_and_rest(model_paths, "nothing else")
     if extra:
-        raise typer.BadParameter(f"unexpected arguments after MODEL: {' '.join(extra)}")
-    model = _load(model_args)
+        raise typer.BadParameter(f"nothing follows MODEL, got {' '.join(extra)}", param_hint="MODEL")
+    model = _load(model_args, n_threads=threads)
     history: list[dict] = []
     pending: list = []
     think = False
@@ -221,58 +226,48 @@ def chat(
         model.close()
 
 
+def _ocr_mode(mode: str) -> str:
+    from minicpmv_edge.runtime.ocr import PROMPTS
+
+    if mode not in PROMPTS:
+        raise typer.BadParameter(f"one of {', '.join(PROMPTS)}, not {mode!r}")
+    return mode
+
+
 @app.command()
 @one_line_errors
 def ocr(
-    args: list[str] = typer.Argument(..., help="MODEL (folder, or model GGUF + mmproj GGUF) then inputs: "
-                                               "images, folders, globs, PDFs, or - for paths on stdin"),
+    args: list[str] = typer.Argument(..., metavar="MODEL INPUTS...", help="MODEL (folder, or model GGUF + mmproj "
+                                     "GGUF) then inputs: images, folders, globs, PDFs, or - for paths on stdin"),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL file of page records (appended, resumable)"),
     text_dir: Optional[Path] = typer.Option(None, "--text-dir", help="Also write a .txt/.md file per page here"),
-    mode: str = typer.Option("text", "--mode", help="text or markdown"),
+    mode: str = typer.Option("text", "--mode", callback=_ocr_mode, help="text or markdown"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the mode's"),
     include: list[str] = typer.Option(["*"], "--include", help="Glob for files inside folders (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob of files to skip (repeatable)"),
     pages: Optional[str] = typer.Option(None, "--pages", help="PDF page ranges, e.g. 1-3,7"),
-    dpi: int = typer.Option(150, "--dpi", help="PDF rendering resolution"),
-    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", help="Slices per page (dense pages: more)"),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "-n"),
+    dpi: int = typer.Option(150, "--dpi", min=1, help="PDF rendering resolution"),
+    max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", min=1,
+                                                 help="Slices per page (dense pages: more)"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "-n", min=1),
+    threads: Optional[int] = _THREADS,
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Process pages that failed before again"),
     cache_dir: Optional[Path] = typer.Option(None, "--embedding-cache", help="Keep image embeddings here between "
                                              "runs (reruns with another prompt skip the vision tower)"),
-    cache_gb: float = typer.Option(2.0, "--embedding-cache-gb", help="Size bound of the embedding cache"),
+    cache_gb: float = typer.Option(2.0, "--embedding-cache-gb", min=0, help="Size bound of the embedding cache"),
     memory_mb: int = typer.Option(256, "--embedding-memory-mb", min=0,
                                   help="Image embeddings kept in memory beyond the current page's"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
 ) -> None:
     """OCR pages with one model load; reruns skip finished pages, and each page is written exactly once."""
-    import time
+    from minicpmv_edge.runtime.ocr import OcrOptions, run_batch
 
-    from minicpmv_edge.runtime.embedding_cache import EmbeddingCache
-    from minicpmv_edge.runtime.jobstore import JobStore, JobStoreError
-    from minicpmv_edge.runtime.ocr import OcrInputError, OcrOptions, PROMPTS, iter_pages, parse_page_ranges, run_ocr
-
-    if mode not in PROMPTS:
-        raise typer.BadParameter(f"--mode is one of {', '.join(PROMPTS)}")
     model_args, inputs = _model_and_rest(args, "the inputs")
+    if not inputs:
+        raise typer.BadParameter("no inputs after MODEL", param_hint="MODEL INPUTS...")
     if "-" in inputs:
         inputs = [i for i in inputs if i != "-"] + [line.strip() for line in sys.stdin if line.strip()]
-    refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=parse_page_ranges(pages)))
-    if not refs:
-        raise OcrInputError("the inputs hold no pages")
-    options = OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
-                         dpi=dpi)
-    try:  # before the model loads: an output that cannot be written fails at once
-        store = JobStore(output.with_name(output.name + ".sqlite"), output)
-    except JobStoreError as e:
-        raise OcrInputError(str(e)) from None
-    try:
-        model = _load(model_args, embedding_memory_bytes=memory_mb << 20)
-    except BaseException:
-        store.close()
-        raise
-    if cache_dir is not None:
-        model.disk_cache = EmbeddingCache(cache_dir, model.identity, max_bytes=int(cache_gb * 2**30))
 
     def reconciled(report) -> None:  # noqa: ANN001 - jobstore.ReconcileReport
         for count, message in [(report.restored, "restored {} record{} missing from {}"),
@@ -282,34 +277,30 @@ def ocr(
                 console.print(message.format(count, "" if count == 1 else "s", output.name),
                               highlight=False, markup=False, soft_wrap=True)
 
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    started = time.perf_counter()
+    def page_done(result, so_far) -> None:  # noqa: ANN001 - ocr.PageResult, ocr.Summary
+        if result.status == "failed":
+            console.print(f"[red]failed[/red] {result.ref.label}: {result.record['error']}", highlight=False)
+        bar.update(task, advance=1, rate=f"{so_far.pages_per_min:.1f} pages/min")
+
     columns = (TextColumn("ocr"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, disable=quiet or as_json) as bar:
-            task = bar.add_task("ocr", total=len(refs), rate="")
-            for result in run_ocr(model, refs, store, options, model_id=model.identity, retry_failed=retry_failed,
-                                  text_dir=text_dir, on_reconcile=reconciled):
-                counts[result.status] += 1
-                if result.status == "failed":
-                    console.print(f"[red]failed[/red] {result.ref.label}: {result.record['error']}", highlight=False)
-                minutes = (time.perf_counter() - started) / 60
-                bar.update(task, advance=1, rate=f"{counts['done'] / minutes:.1f} pages/min" if minutes else "")
-    except JobStoreError as e:
-        raise OcrInputError(str(e)) from None
-    finally:
-        store.close()
-        model.close()
-    minutes = (time.perf_counter() - started) / 60
-    summary = {**counts, "pages_per_min": round(counts["done"] / minutes, 2) if minutes else 0.0,
-               "output": str(output)}
+    with Progress(*columns, console=console, disable=quiet or as_json) as bar:
+        task = bar.add_task("ocr", total=None, rate="", visible=False)
+        summary = run_batch(
+            model_args, inputs, output,
+            OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
+                       dpi=dpi),
+            include=include, exclude=exclude, pages=pages, retry_failed=retry_failed, text_dir=text_dir,
+            embedding_cache=cache_dir, embedding_cache_bytes=int(cache_gb * 2**30),
+            embedding_memory_bytes=memory_mb << 20, n_threads=threads,
+            on_start=lambda total: bar.update(task, total=total, visible=True), on_page=page_done,
+            on_reconcile=reconciled)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(summary.as_dict()))
     elif not quiet:
-        console.print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}, "
-                      f"{summary['pages_per_min']} pages/min -> {output}")
-    if counts["failed"]:
+        console.print(f"done {summary.done}, skipped {summary.skipped}, failed {summary.failed}, "
+                      f"{summary.pages_per_min} pages/min -> {output}")
+    if summary.failed:
         raise typer.Exit(1)
 
 

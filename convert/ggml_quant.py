@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from minicpmv_edge.common.platform import shared_library
+from minicpmv_edge.common.system import default_threads
 
 # A chunk of this many source bytes keeps both cores busy without holding large temporaries.
 _CHUNK_BYTES = 32 << 20
@@ -26,7 +28,7 @@ def _libggml() -> ctypes.CDLL:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llama-cpp-python is not installed; it provides ggml's quantizer")
     lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    lib = ctypes.CDLL(str(shared_library(lib_dir, "ggml-base")))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -61,10 +63,6 @@ def row_nbytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
     if n_per_row % block:
         raise ValueError(f"a row of {n_per_row} values does not fit {qtype.name} blocks of {block}")
     return n_per_row // block * type_size
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType, n_threads: int | None = None) -> np.ndarray:

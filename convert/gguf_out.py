@@ -1,10 +1,9 @@
 """Streaming GGUF output: the whole plan (metadata, tensor names, shapes, types) is known before any weight
-is read, so the header is written first and tensors follow one row block at a time. Files are written
-under a temporary name and renamed only when complete."""
+is read, so the header is written first and tensors follow one row block at a time. The caller writes each
+file under a partial name and renames it only when complete (common/files.py's atomic_path)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -108,10 +107,6 @@ def _tensor_info(writer: GGUFWriter, tensor: PlannedTensor) -> None:
     writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), tensor.nbytes, raw_dtype=tensor.qtype)
 
 
-def temporary_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.partial")
-
-
 def check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
@@ -120,7 +115,7 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 
 def write_gguf(plan: GgufPlan, partial: Path, n_threads: int, on_block: Callable[[int], None]) -> None:
-    """Write `plan` to `partial` (a temporary name the caller renames); on any failure it is removed."""
+    """Write `plan` to `partial`, the partial name the caller fsyncs and renames (or removes on a failure)."""
     writer = GGUFWriter(partial, plan.arch)
     try:
         plan.metadata(writer)
@@ -131,14 +126,8 @@ def write_gguf(plan: GgufPlan, partial: Path, n_threads: int, on_block: Callable
         writer.write_ti_data_to_file()
         for tensor in plan.tensors:
             writer.write_tensor_data(_StreamedTensor(tensor, n_threads, on_block))  # type: ignore[arg-type]
-        for fout in writer.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
+    finally:
         writer.close()
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def value_count(tensors: Sequence[PlannedTensor]) -> int:

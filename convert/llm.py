@@ -63,9 +63,12 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     named: list[SourcedTensor] = []
     origins: dict[str, str] = {}  # GGUF name -> what it is made from, for the loader checks' messages
     for hf_name, ref in checkpoint.tensors.items():
-        if not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):
+        if hf_name == layout.lm_head and layout.lm_head:
+            inner = arch.renamed("lm_head.weight")  # an untied output projection outside the LLM's prefix
+        elif not hf_name.startswith(layout.llm_prefix) or hf_name.endswith(_IGNORED_SUFFIXES):
             continue
-        inner = arch.renamed(layout.llm_inner_prefix + hf_name[len(layout.llm_prefix):])
+        else:
+            inner = arch.renamed(layout.llm_inner_prefix + hf_name[len(layout.llm_prefix):])
         shape, load = ref.shape, None
         part = inner.rsplit(".", 1)[-1]
         if quantized and part in PACKED_PARTS:
@@ -96,6 +99,10 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
     use_image_id = bool(preprocessor.get("use_image_id", top.get("use_image_id", False)))
     max_slice_nums = int(preprocessor.get("max_slice_nums", (top.get("slice_config") or {}).get(
         "max_slice_nums", 9)))
+    upsize = str(preprocessor.get("small_image_upsize", family.small_image_upsize[0]))
+    if upsize not in family.small_image_upsize:
+        raise ConversionError(f"preprocessor_config.json's small_image_upsize {upsize!r} is none of {family.title}'s "
+                              f"modes ({', '.join(family.small_image_upsize)})")
 
     def metadata(writer: GGUFWriter) -> None:
         writer.add_name(family.title)
@@ -103,6 +110,8 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
         writer.add_string("minicpmv_edge.family", family.key)
         writer.add_bool("minicpmv_edge.use_image_id", use_image_id)
         writer.add_uint32("minicpmv_edge.max_slice_nums", max_slice_nums)
+        if len(family.small_image_upsize) > 1:  # families whose processor can size small images another way
+            writer.add_string("minicpmv_edge.small_image_upsize", upsize)
         write_common_metadata(writer, config)
         arch.extra_metadata(writer, config)
         writer.add_vocab_size(n_vocab)

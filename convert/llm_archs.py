@@ -24,6 +24,13 @@ def _minicpm_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_embedding_scale(float(require(config, "scale_emb")))
     writer.add_residual_scale(float(require(config, "scale_depth")) / math.sqrt(n_layer))
     writer.add_logit_scale(require(config, "hidden_size") / require(config, "dim_model_base"))
+    scaling = _longrope(config)
+    if scaling is not None:
+        # MiniCPMLongRoPE multiplies cos and sin by this at every length; llama.cpp's rope takes it as
+        # rope.scaling.attn_factor (its mscale), 1 when absent.
+        orig = int(require(scaling, "original_max_position_embeddings"))
+        max_pos = int(require(config, "max_position_embeddings"))
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(max_pos / orig) / math.log(orig)))
 
 
 def _llama_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
@@ -36,7 +43,10 @@ def _longrope(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def rope_factor_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """LongRoPE's per-dimension factors, which llama.cpp takes as tensors (MiniCPM4's rope)."""
+    """LongRoPE's per-dimension factors, which llama.cpp takes as tensors (MiniCPM4's rope). llama.cpp uses the
+    long list when the context exceeds original_max_position_embeddings, as transformers' Llama does by sequence
+    length; a MiniCPM-form config's MiniCPMLongRoPE picks one list once (long iff max_position_embeddings >
+    original_max_position_embeddings), so that list is written as both."""
     scaling = _longrope(config)
     if scaling is None:
         return {}
@@ -44,6 +54,10 @@ def rope_factor_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
     n_pairs = head_dim(config) // 2
     if not (long_factor and short_factor) or len(long_factor) != n_pairs or len(short_factor) != n_pairs:
         raise ConversionError("rope_scaling needs long_factor and short_factor of head_dim/2 values each")
+    if _minicpm_form(config):
+        orig = int(require(scaling, "original_max_position_embeddings"))
+        long_factor = short_factor = (long_factor if int(require(config, "max_position_embeddings")) > orig
+                                      else short_factor)
     return {
         "rope_factors_long.weight": np.asarray(long_factor, dtype=np.float32),
         "rope_factors_short.weight": np.asarray(short_factor, dtype=np.float32),
@@ -273,11 +287,15 @@ LLM_ARCHS: dict[str, LlmArch] = {
 }
 
 
+def _minicpm_form(config: dict[str, Any]) -> bool:
+    return "scale_emb" in config
+
+
 def llm_arch_for(config: dict[str, Any], published: str) -> LlmArch:
     """The family's published LLM architecture, except that a MiniCPM-form config (scale_emb, scale_depth,
     dim_model_base: MiniCPM4 before its scales are folded into Llama-form weights) needs llama.cpp's
     minicpm architecture, which applies those scales."""
-    return LLM_ARCHS["minicpm" if "scale_emb" in config else published]
+    return LLM_ARCHS["minicpm" if _minicpm_form(config) else published]
 
 
 def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:

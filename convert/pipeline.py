@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,11 +17,12 @@ from gguf import GGUFWriter
 
 from .checkpoint import Checkpoint, open_checkpoint, resolve_source
 from .errors import ConversionError
+from minicpmv_edge.common.files import atomic_path
+from minicpmv_edge.common.system import default_threads, peak_rss_bytes
 from minicpmv_edge.families import Family
 
 from .families import detect_family
-from .ggml_quant import default_threads
-from .gguf_out import GgufPlan, check_free_space, temporary_path, value_count, write_gguf
+from .gguf_out import GgufPlan, check_free_space, value_count, write_gguf
 from .llm import plan_llm
 from .merger import downsample_mode_of, plan_merger_mmproj
 from .mmproj import plan_resampler_mmproj
@@ -49,14 +50,10 @@ def output_paths(outdir: Path, stem: str, preset: Preset, mmproj_variant: str = 
             outdir / f"mmproj-{stem}{variant}-{preset.mmproj_type.name}.gguf")
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _check_tensor_prefixes(names: Iterable[str], family: Family) -> None:
     """Every published tensor is either converted or knowingly skipped (MiniCPM-o's audio and TTS parts)."""
     known = (family.layout.llm_prefix, *family.layout.vision_prefixes, *family.skip_prefixes)
-    unexpected = sorted(name for name in names if not name.startswith(known))
+    unexpected = sorted(name for name in names if not name.startswith(known) and name != family.layout.lm_head)
     if unexpected:
         raise ConversionError(f"{len(unexpected)} tensors belong to no part this converter knows for "
                               f"{family.title}, e.g. {unexpected[0]}")
@@ -76,8 +73,9 @@ def _plan_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset,
     """The projector's plan, and what tells its file apart from other variants of the same model."""
     if family.projector == "minicpmv4_6":
         mode = downsample_mode_of(checkpoint, downsample_mode)
-        # The published default keeps the plain name; the 4x variant can sit beside it.
-        return plan_merger_mmproj(checkpoint, family, preset, mode), "" if mode == "16x" else mode
+        # The checkpoint's own default keeps the plain name; the other mode's variant can sit beside it.
+        default = downsample_mode_of(checkpoint, None)
+        return plan_merger_mmproj(checkpoint, family, preset, mode), "" if mode == default else mode
     if downsample_mode is not None:
         raise ConversionError(f"a downsample mode applies to MiniCPM-V 4.6's merger, not to {family.title}")
     return plan_resampler_mmproj(checkpoint, family, preset), ""
@@ -87,7 +85,8 @@ def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4
                        downsample_mode: str | None = None, n_threads: int | None = None,
                        progress: ProgressCallback | None = None) -> ConversionResult:
     """Convert a MiniCPM-V checkpoint (local folder or hub id) into `outdir`: `<name>-<PRESET>.gguf` and
-    `mmproj-<name>-<TYPE>.gguf` (`mmproj-<name>-4x-<TYPE>.gguf` for MiniCPM-V 4.6's 4x downsample mode).
+    `mmproj-<name>-<TYPE>.gguf` (`mmproj-<name>-<MODE>-<TYPE>.gguf` for a merger's downsample mode other than the
+    checkpoint's default, e.g. MiniCPM-V 4.6 in 4x).
     Raises ConversionError for bad input; leaves no partial file behind."""
     started = time.perf_counter()
     chosen = load_preset(preset) if isinstance(preset, str) else preset
@@ -119,22 +118,20 @@ def convert_checkpoint(source: str | Path, outdir: str | Path, preset: str = "q4
         if progress:
             progress(done, total)
 
-    partials = [temporary_path(final) for final in finals]
     threads = n_threads or default_threads()
     try:
-        for plan, partial in zip(plans, partials):
-            write_gguf(plan, partial, threads, on_block)
+        # Both files appear only once both are complete: each is written under its partial name and both are
+        # renamed as the stack closes; any failure removes every partial.
+        with ExitStack() as stack:
+            partials = [stack.enter_context(atomic_path(final)) for final in finals]
+            for plan, partial in zip(plans, partials):
+                write_gguf(plan, partial, threads, on_block)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ConversionError(f"ran out of disk space writing {out}") from None
         raise ConversionError(f"cannot write to {out}: {e.strerror or e}") from None
     finally:
         checkpoint.close()
-        if not all(p.exists() for p in partials):
-            for p in partials:
-                p.unlink(missing_ok=True)
-    for partial, final in zip(partials, finals):
-        os.replace(partial, final)
 
     result = ConversionResult(family, chosen, *finals)
     for role, plan in zip(("llm", "mmproj"), plans):

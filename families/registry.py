@@ -1,13 +1,16 @@
 """The registry every part of the project asks about a MiniCPM-V family: how to recognise it (from a
 checkpoint's config.json, or from the GGUF pair llama.cpp's converters or ours wrote) and what differs
 between families (the language model's llama.cpp architecture, the projector, the tokenizer's
-pre-tokenizer, the processor's prompt framing and published defaults). Pure data: it imports neither the
-converter nor the runtime, so both can read it."""
+pre-tokenizer, the processor's prompt framing and published defaults; and, for the synthetic checkpoint
+factory and the tests, the published checkpoint's files and the torch reference to check against: specs.py).
+Pure data: it imports neither the converter, nor the runtime, nor torch, so all of them can read it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .specs import CheckpointSpec, ReferenceHints
 
 
 class UnknownFamily(ValueError):
@@ -34,10 +37,19 @@ class Layout:
     llm_inner_prefix: str  # what replaces it so gguf's tensor-name tables recognise the names
     vision_prefixes: tuple[str, ...]
     text_config: str | None = None  # config.json key holding the LLM's hyper-parameters; None: the top level
+    # The untied output projection where it sits outside `llm_prefix` (transformers' classes keep it at the top
+    # level); "": inside `llm_prefix`, or none.
+    lm_head: str = ""
 
 
 RESAMPLER_LAYOUT = Layout("llm.", "", ("vpm.", "resampler."))
-MERGER_LAYOUT = Layout("model.language_model.", "model.", ("model.vision_tower.", "model.merger."), "text_config")
+MERGER_LAYOUT = Layout("model.language_model.", "model.", ("model.vision_tower.", "model.merger."), "text_config",
+                       lm_head="lm_head.weight")
+
+# How an image that is not sliced is sized (the image processor's `small_image_upsize`): "always" scales it to
+# about scale_resolution^2 pixels (every family's processor), "never" keeps its native size (aligned to the
+# piece grid; larger images still shrink), "adaptive" decides per image and slice from its glyphs (OpenCV).
+UPSIZE_MODES = ("always", "never", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class Family:
     # What the published processor does when the caller says nothing (preprocessor_config.json).
     use_image_id: bool = True
     max_slice_nums: int = 9
+    # The `small_image_upsize` modes the family's processor offers, its published default first (UPSIZE_MODES).
+    small_image_upsize: tuple[str, ...] = ("always",)
     frame: PieceFrame = PieceFrame()
     layout: Layout = RESAMPLER_LAYOUT
     # Prefixes of published tensors that are not part of a vision+text model (MiniCPM-o's audio and TTS).
@@ -62,6 +76,11 @@ class Family:
     # Language-model architectures a GGUF of this family may carry (llama.cpp's converter can pick another
     # one than ours for the same weights).
     gguf_llm_archs: tuple[str, ...] = ()
+    # What a synthetic checkpoint of the family looks like (minicpmv_edge.synthetic writes it) and which torch
+    # reference the tests build for it (tests/reference.py; None: the family has none there). Pure data, left
+    # out of equality and hashing.
+    synthetic: CheckpointSpec | None = field(default=None, compare=False, repr=False)
+    reference: ReferenceHints | None = field(default=None, compare=False, repr=False)
 
     @property
     def accepted_llm_archs(self) -> tuple[str, ...]:

@@ -4,8 +4,9 @@ mtmd's public C API only accepts whole images and applies its own slicing. clip.
 `clip_image_encode(clip_ctx *, int, const clip_image_f32 *, std::vector<float> &)` encodes one
 preprocessed piece of any size that is a multiple of the patch size, building the same graph mtmd uses
 (the resampler's position embeddings follow the piece's own patch grid). libmtmd exports it with C++
-linkage, so it is called here by its mangled name with the two argument structs laid out as the pinned
-llama-cpp-python (0.3.36) compiles them:
+linkage, so it is called here by its mangled name (an Itanium C++ ABI name as g++ spells it against
+libstdc++: common/platform.py) with the two argument structs laid out as the pinned llama-cpp-python
+(0.3.36) compiles them:
 
 - `clip_image_f32` (tools/mtmd/clip-impl.h): bool add_viewsep, bool add_newline, int32 lead_pad,
   anyres_info {int grid_x, grid_y, orig_nx, orig_ny}, std::vector<float> buf, int nx_, int ny_;
@@ -27,13 +28,12 @@ import numpy as np
 from llama_cpp import mtmd_cpp
 from PIL import Image
 
+from minicpmv_edge.common.platform import CLIP_IMAGE_ENCODE as _ENCODE, CLIP_N_OUTPUT_TOKENS as _N_OUTPUT_TOKENS
+
 from .vision import VisionError
 
 # The llama-cpp-python release whose clip.cpp the two structs below mirror (pyproject.toml pins it).
 DECLARED_FOR = "0.3.36"
-
-_ENCODE = "_Z17clip_image_encodeP8clip_ctxiPK14clip_image_f32RSt6vectorIfSaIfEE"
-_N_OUTPUT_TOKENS = "_Z20clip_n_output_tokensPK8clip_ctxPK14clip_image_f32"
 
 
 class _FloatVector(ctypes.Structure):

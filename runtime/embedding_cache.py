@@ -20,6 +20,8 @@ from typing import Hashable, Iterable
 
 import numpy as np
 
+from minicpmv_edge.common.files import atomic_write
+
 DEFAULT_MEMORY_BYTES = 256 << 20
 
 
@@ -87,10 +89,8 @@ class EmbeddingCache:
 
     def put(self, key: tuple, value: np.ndarray) -> None:
         path = self._path(key)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            np.save(f, value)
-        os.replace(partial, path)
+        # Not fsynced: an entry torn by a power cut fails np.load and is only a miss.
+        atomic_write(path, lambda f: np.save(f, value), durable=False)
         self._evict()
 
     def _evict(self) -> None:

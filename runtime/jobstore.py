@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from minicpmv_edge.common.files import atomic_write
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pages (
     key TEXT PRIMARY KEY,
@@ -167,10 +169,9 @@ class JobStore:
             self.db.executemany("UPDATE pages SET emitted = ? WHERE key = ?", keys)
             self.db.execute("COMMIT")
 
-    def _write(self, data: bytes, mode: str, path: Path | None = None) -> None:
-        path = path or self.jsonl
+    def _write(self, data: bytes, mode: str) -> None:
         try:
-            with open(path, mode) as f:
+            with open(self.jsonl, mode) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -187,15 +188,8 @@ class JobStore:
 
     def _replace_with(self, data: bytes) -> None:
         """Rewrite the JSONL atomically: a reader or a kill sees the old file or the new one, never half."""
-        partial = self.jsonl.with_name(f".{self.jsonl.name}.partial")
-        self._write(data, "wb", partial)
         try:
-            os.replace(partial, self.jsonl)
-            folder = os.open(self.jsonl.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            atomic_write(self.jsonl, data)
         except OSError as e:
             raise JobStoreError(f"cannot replace the JSONL output {self.jsonl}: {e.strerror or e}") from None
 

@@ -1,45 +1,34 @@
-"""`load()` returns a ready model; `Model.chat()` takes the published message shape; `stream_generate()`
-yields small response records (text piece, token, running timings), as mlx-lm does.
+"""`load()` returns a ready model; `Model.chat()` is the published `chat()`; `stream_generate()` yields
+small response records (text piece, token, running timings), as mlx-lm does.
 
-The prompt follows the model's own chat template (stored in the GGUF). Each image in a message becomes
-`<image_id>N</image_id>` (families that use image ids) plus mtmd's image chunks (`<image>` + overview +
-`</image>` + slices); image embeddings are cached by image digest, and the KV cache keeps the common
-prefix between calls, so a follow-up turn re-encodes and re-decodes nothing of the history."""
+A Model composes three parts: the prompt builder (`prompt.py`: chat template + the family's layout ->
+prompt items), the vision pipeline (`vision_pipeline.py`: pieces -> embeddings, cached) and the engine
+(`engine.py`: llama.cpp's decoder, whose KV cache keeps the common prefix between calls, so a follow-up
+turn re-encodes and re-decodes nothing of the history)."""
 
 from __future__ import annotations
 
 import codecs
 import ctypes
 import json
-import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence
 
-import jinja2.sandbox
 import llama_cpp
-import numpy as np
-from PIL import Image
 
-from .engine import Engine, EngineError, Sampling
-from .clip_encoder import PieceEncoder
+from minicpmv_edge.common.system import default_threads, peak_rss_mb
+
 from .embedding_cache import DEFAULT_MEMORY_BYTES, EmbeddingCache, EmbeddingMemory
-from .images import image_digest, load_image
-from .pair import prompt_settings, read_metadata, resolve_pair
-from .slicing import cut, layout_parts, plan_slices
-from .vision import VisionTower
+from .engine import Engine, EngineError, Sampling
+from .pair import PromptSettings, prompt_settings, read_metadata, resolve_pair
+from .prompt import ChatInputError, PromptBuilder, PromptItem
+from .vision_pipeline import VisionPipeline
 
 # A 1344x1344 page with 9 slices is ~700 positions; contexts grow (doubling) when a chat needs more.
 DEFAULT_CONTEXT = 2048
 THINK_START, THINK_END = "<think>", "</think>"
-# Stands for an image while the chat template renders; no tokenizer or user text produces it.
-IMAGE_SENTINEL = "\x00minicpmv-edge-image\x00"
-# An image piece's embeddings are keyed by (image digest, max_slice_nums, piece index); a prompt item is a
-# token id, or (piece key, row) for one position filled by a row of that piece's embeddings.
-PieceKey = tuple[str, int, int]
-PromptItem = Union[int, tuple[PieceKey, int]]
 
 
 @dataclass(frozen=True)
@@ -72,20 +61,12 @@ class ChatAnswer(str):
         return str(self)
 
 
-class ChatInputError(ValueError):
-    """Messages or chat() arguments that do not make a prompt."""
-
-
 def split_reasoning(text: str) -> tuple[str, str]:
     """(reasoning, answer) of a thinking-mode output: what precedes </think> is the reasoning."""
     if THINK_END not in text:
         return "", text
     reasoning, answer = text.split(THINK_END, 1)
     return reasoning.replace(THINK_START, "").strip(), answer
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # The published chat()'s generation settings: sampling=True samples with these (the keyword arguments of
@@ -98,52 +79,35 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], (dict, list)))
 
 
-def _content_parts(content: Any) -> list[Any]:
-    if isinstance(content, (str, Image.Image, bytes, Path)):
-        return [content]
-    if isinstance(content, (list, tuple)):
-        return list(content)
-    return [content]
-
-
 class Model:
-    """A loaded pair: the decoder (`engine`), the vision tower and its piece encoder, and how the family's
-    official processor lays out prompts (`settings`). A context manager; `close()` frees llama.cpp's memory."""
+    """A loaded pair: the decoder (`engine`), the vision pipeline (`vision`: tower, encoder, caches) and the
+    prompt builder (`prompt`: the chat template and the family's layout). A context manager; `close()`
+    frees llama.cpp's memory."""
 
     def __init__(self, model_path: Path, mmproj_path: Path, *, n_ctx: int, n_threads: int, repack: bool,
                  embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.engine: Engine | None = None
-        self.vision: VisionTower | None = None
+        self.vision: VisionPipeline | None = None
         # Names the model in batch-job keys and records: a different file means different answers.
         self.identity = f"{model_path.name}:{model_path.stat().st_size}+{mmproj_path.name}:{mmproj_path.stat().st_size}"
         try:
-            self._open(model_path, mmproj_path, n_ctx, n_threads, repack)
+            projector = read_metadata(mmproj_path)
+            self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
+            settings = prompt_settings(self._meta, projector)
+            template = llama_cpp.llama_model_chat_template(self.engine.model, None)
+            if not template:
+                raise EngineError(f"{model_path} carries no chat template (tokenizer.chat_template)")
+            bos = self.engine.piece(llama_cpp.llama_vocab_bos(self.engine.vocab), special=True).decode(errors="ignore")
+            self.prompt = PromptBuilder(template.decode(), bos, settings, self.engine.tokenize)
+            self.vision = VisionPipeline(mmproj_path, projector, self.engine.model, self.engine.n_embd, n_threads,
+                                         embedding_memory_bytes)
         except BaseException:
             self.close()
             raise
-        self.embeddings = EmbeddingMemory(embedding_memory_bytes)
-        self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
 
-    def _open(self, model_path: Path, mmproj_path: Path, n_ctx: int, n_threads: int, repack: bool) -> None:
-        projector = read_metadata(mmproj_path)
-        self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
-        self.settings = prompt_settings(self._meta, projector)
-        self.vision = VisionTower(mmproj_path, self.engine.model, n_threads)
-        patch_size = int(projector.get("clip.vision.patch_size", 14))
-        self.pieces = PieceEncoder(self.vision.context, self.engine.n_embd, n_threads,
-                                   tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
-                                   tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))), patch_size)
-        # MiniCPM-V 4.6's merger folds merge x merge patches into one token, so pieces align to that.
-        merge = int(projector.get("clip.vision.projector.scale_factor", 1)) \
-            if projector.get("clip.projector_type") == "minicpmv4_6" else 1
-        self.piece_align = patch_size * merge
-        template = llama_cpp.llama_model_chat_template(self.engine.model, None)
-        if not template:
-            raise EngineError(f"{model_path} carries no chat template (tokenizer.chat_template)")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self.template = env.from_string(template.decode())
-        bos = llama_cpp.llama_vocab_bos(self.engine.vocab)
-        self.bos = self.engine.piece(bos, special=True).decode(errors="ignore")
+    @property
+    def settings(self) -> PromptSettings:
+        return self.prompt.settings
 
     @property
     def family(self) -> str:
@@ -152,6 +116,18 @@ class Model:
     @property
     def max_slice_nums(self) -> int:
         return self.settings.max_slice_nums
+
+    @property
+    def embeddings(self) -> EmbeddingMemory:
+        return self.vision.memory
+
+    @property
+    def disk_cache(self) -> EmbeddingCache | None:
+        return self.vision.disk_cache
+
+    @disk_cache.setter
+    def disk_cache(self, cache: EmbeddingCache | None) -> None:
+        self.vision.disk_cache = cache
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -174,89 +150,28 @@ class Model:
         """Forget the conversation held in the KV cache (the next prompt is decoded from the start)."""
         self.engine.feed([], self.embeddings)
 
-    # ---- prompt -----------------------------------------------------------------------------------------
-
-    def _render(self, msgs: Sequence[dict[str, Any]], system_prompt: str | None,
-                enable_thinking: bool) -> tuple[list[str], list[Any]]:
-        """The chat template applied; returns the text split around images, and the images in order.
-        As the published chat() does, a message's parts are joined with newlines and each image stands
-        where the user put it."""
-        images: list[Any] = []
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        if not msgs:
-            raise ChatInputError("msgs is empty: give at least one user message")
-        for number, msg in enumerate(msgs, 1):
-            if not isinstance(msg, dict):
-                raise ChatInputError(f"message {number} is a {type(msg).__name__}, not a dict with role and content")
-            role, content = msg.get("role"), msg.get("content")
-            if role not in ("user", "assistant", "system"):
-                raise ChatInputError(f"message {number}: role must be user, assistant or system, not {role!r}")
-            texts = []
-            for part in _content_parts(content):
-                if isinstance(part, str):
-                    texts.append(part)
-                elif isinstance(part, (Image.Image, bytes, Path)):
-                    images.append(load_image(part))
-                    texts.append(IMAGE_SENTINEL)
-                else:
-                    raise ChatInputError(f"message {number} ({role}): a content part of type {type(part).__name__} "
-                                         "is neither text nor an image")
-            messages.append({"role": role, "content": "\n".join(texts)})
-        text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
-                                    enable_thinking=enable_thinking)
-        return text.split(IMAGE_SENTINEL), images
-
     def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
                 enable_thinking: bool = False, max_slice_nums: int | None = None,
-                use_image_id: bool | None = None) -> tuple[list[PromptItem], float]:
-        """Prompt items for the engine (token ids, and (piece key, row) for image embeddings) laid out as the
-        family's official processor does, and the time spent encoding new pieces in ms."""
-        texts, images = self._render(msgs, system_prompt, enable_thinking)
-        slices = self.settings.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
-        if slices < 1:
-            raise ChatInputError(f"max_slice_nums must be at least 1, not {slices}")
-        with_ids = self.settings.use_image_id if use_image_id is None else use_image_id
-        frame = self.settings.family.frame
-        encode_s = 0.0
-        items: list[PromptItem] = []
-        used: list[PieceKey] = []
-        for index, text in enumerate(texts):
-            items.extend(self.engine.tokenize(text))
-            if index == len(images):
-                break
-            image = images[index]
-            layout = plan_slices(image.size, slices, self.piece_align)
-            digest = image_digest(image)
-            pieces: list[Image.Image] | None = None
-            for part in layout_parts(layout, frame, index if with_ids else None):
-                if isinstance(part, str):
-                    items.extend(self.engine.tokenize(part))
-                    continue
-                key = (digest, slices, part)
-                embeddings = self.embeddings.get(key)
-                if embeddings is None and self.disk_cache is not None:
-                    embeddings = self.disk_cache.get(key)
-                if embeddings is None:
-                    pieces = pieces or cut(image, layout)
-                    started = time.perf_counter()
-                    embeddings = self.pieces.encode(pieces[part])
-                    encode_s += time.perf_counter() - started
-                    if self.disk_cache is not None:
-                        self.disk_cache.put(key, embeddings)
-                self.embeddings.put(key, embeddings)
-                used.append(key)
-                items.extend((key, row) for row in range(embeddings.shape[0]))
-        self.embeddings.trim(protected=used)
-        return items, encode_s * 1000
+                use_image_id: bool | None = None,
+                small_image_upsize: str | None = None) -> tuple[list[PromptItem], float]:
+        """The prompt items of `msgs` (token ids, and (piece key, row) for image embeddings) laid out as the
+        family's official processor does, and the time spent encoding new pieces in ms. `small_image_upsize`
+        (MiniCPM-OCR: "always" or "never") overrides the checkpoint's preprocessor setting."""
+        items, seconds = self.prompt.build(msgs, self.vision, system_prompt=system_prompt,
+                                           enable_thinking=enable_thinking, max_slice_nums=max_slice_nums,
+                                           use_image_id=use_image_id, small_image_upsize=small_image_upsize)
+        return items, seconds * 1000
 
     # ---- generation -------------------------------------------------------------------------------------
 
     def stream_generate(self, msgs: Sequence[dict[str, Any]], *, max_new_tokens: int = 512,
                         sampling: Sampling = Sampling(), system_prompt: str | None = None,
                         enable_thinking: bool = False, max_slice_nums: int | None = None,
-                        use_image_id: bool | None = None) -> Iterator[GenerationResponse]:
+                        use_image_id: bool | None = None,
+                        small_image_upsize: str | None = None) -> Iterator[GenerationResponse]:
         items, encode_ms = self.prepare(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
-                                        max_slice_nums=max_slice_nums, use_image_id=use_image_id)
+                                        max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                        small_image_upsize=small_image_upsize)
         self.engine.reserve(len(items) + max_new_tokens)
         started = time.perf_counter()
         decoded = self.engine.feed(items, self.embeddings)
@@ -273,7 +188,7 @@ class Model:
                 elapsed = time.perf_counter() - decode_started
                 finish = "stop" if end else ("length" if n == max_new_tokens else None)
                 yield GenerationResponse(text, token, encode_ms, len(items), prefill_tps, n,
-                                         n / elapsed if elapsed > 0 else 0.0, _peak_rss_mb(), finish)
+                                         n / elapsed if elapsed > 0 else 0.0, peak_rss_mb(), finish)
                 if finish:
                     break
                 self.engine.append_token(token)
@@ -351,5 +266,5 @@ def load(model: str | Path, mmproj: str | Path | None = None, *, n_ctx: int = DE
     two files. `embedding_memory_bytes` bounds the image embeddings kept in memory beyond the current
     conversation's."""
     model_path, mmproj_path = resolve_pair(model, mmproj)
-    return Model(model_path, mmproj_path, n_ctx=n_ctx, n_threads=n_threads or len(os.sched_getaffinity(0)),
+    return Model(model_path, mmproj_path, n_ctx=n_ctx, n_threads=n_threads or default_threads(),
                  repack=repack, embedding_memory_bytes=embedding_memory_bytes)

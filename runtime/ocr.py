@@ -1,9 +1,10 @@
 """Batch OCR over images, folders, globs and PDFs with one model load, resumable and exactly-once.
 
-`iter_pages` expands the inputs into pages (a PDF page rendered at the chosen DPI with pypdfium2);
-`run_ocr` asks the model about each page with greedy decoding (so a rerun gives the same text), records
-each result in the job store before it reaches the JSONL, isolates per-page failures, and yields one
-`PageResult` per page for the caller's progress display."""
+`run_batch` is the whole job (what `minicpmv ocr` runs): expand the inputs, open the job store, load the
+model once, OCR every page not done yet and return a `Summary`. Its parts: `iter_pages` expands the inputs
+into pages (a PDF page rendered at the chosen DPI with pypdfium2); `run_ocr` asks the model about each page
+with greedy decoding (so a rerun gives the same text), records each result in the job store before it
+reaches the JSONL, isolates per-page failures, and yields one `PageResult` per page."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import glob
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from PIL import Image
 
+from minicpmv_edge.common.files import atomic_write
+
+from .embedding_cache import DEFAULT_MEMORY_BYTES, EmbeddingCache
 from .engine import EngineError
 from .images import ImageInputError, load_image
-from .jobstore import JobStore, ReconcileReport
-from .model import Model
+from .jobstore import JobStore, JobStoreError, ReconcileReport
+from .model import Model, load
 from .vision import VisionError
 
 PROMPTS = {
@@ -194,7 +198,85 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
 def _write_text(folder: Path, ref: PageRef, text: str, mode: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(ref.source).stem + (f"-p{ref.page:04d}" if ref.is_pdf else "")
-    target = folder / f"{stem}.{'md' if mode == 'markdown' else 'txt'}"
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(text + "\n", encoding="utf-8")
-    partial.replace(target)
+    atomic_write(folder / f"{stem}.{'md' if mode == 'markdown' else 'txt'}", (text + "\n").encode("utf-8"))
+
+
+@dataclass
+class Summary:
+    """What a batch did: pages OCRed now, skipped (done in an earlier run), failed (now or before, until
+    retried), pages OCRed per minute of this run, and the JSONL written."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    pages_per_min: float = 0.0
+    output: Path = Path()
+
+    def as_dict(self) -> dict:
+        """The summary as `minicpmv ocr --json` prints it."""
+        return {**asdict(self), "output": str(self.output)}
+
+
+# A model to load (a folder, a hub spec, or the model GGUF and the mmproj GGUF), or a loaded one.
+ModelSpec = Union[Model, str, Path, Sequence[Union[str, Path]]]
+
+
+def run_batch(model: ModelSpec, inputs: Iterable[str], output: str | Path, options: OcrOptions | None = None, *,
+              include: Sequence[str] = ("*",), exclude: Sequence[str] = (), pages: str | set[int] | None = None,
+              retry_failed: bool = False, text_dir: Path | None = None, embedding_cache: Path | None = None,
+              embedding_cache_bytes: int = 2 << 30, embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+              n_threads: int | None = None, on_start: Callable[[int], None] | None = None,
+              on_page: Callable[[PageResult, Summary], None] | None = None,
+              on_reconcile: Callable[[ReconcileReport], None] | None = None) -> Summary:
+    """OCR the pages of `inputs` into the JSONL `output` (a job store `output.sqlite` beside it makes reruns
+    resume) with one model load. `pages` selects PDF pages ('1-3,7'). A model given by name is loaded with
+    `n_threads` and `embedding_memory_bytes` and closed at the end; a loaded one is the caller's (it gets the
+    disk cache, if one is named). `on_start` receives the number of pages once the model is ready, `on_page`
+    each page's result with the counts so far, `on_reconcile` what the store fixed in the JSONL.
+
+    Bad inputs (nothing matches, no pages, an unwritable output) raise OcrInputError before the model loads."""
+    options, output = options or OcrOptions(), Path(output)
+    if options.mode not in PROMPTS:
+        raise OcrInputError(f"the mode is one of {', '.join(PROMPTS)}, not {options.mode!r}")
+    ranges = parse_page_ranges(pages) if isinstance(pages, str) or pages is None else set(pages)
+    refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=ranges))
+    if not refs:
+        raise OcrInputError("the inputs hold no pages")
+    try:  # before the model loads: an output that cannot be written fails at once
+        store = JobStore(output.with_name(output.name + ".sqlite"), output)
+    except JobStoreError as e:
+        raise OcrInputError(str(e)) from None
+    owned = not isinstance(model, Model)
+    if owned:
+        try:
+            model = load(*((model,) if isinstance(model, (str, Path)) else model), n_threads=n_threads,
+                         embedding_memory_bytes=embedding_memory_bytes)
+        except BaseException:
+            store.close()
+            raise
+    if embedding_cache is not None:
+        model.disk_cache = EmbeddingCache(embedding_cache, model.identity, max_bytes=embedding_cache_bytes)
+
+    summary, started = Summary(output=output), time.perf_counter()
+
+    def clock() -> None:
+        minutes = (time.perf_counter() - started) / 60
+        summary.pages_per_min = round(summary.done / minutes, 2) if minutes else 0.0
+
+    try:
+        if on_start is not None:
+            on_start(len(refs))
+        for result in run_ocr(model, refs, store, options, model_id=model.identity, retry_failed=retry_failed,
+                              text_dir=text_dir, on_reconcile=on_reconcile):
+            setattr(summary, result.status, getattr(summary, result.status) + 1)  # done | skipped | failed
+            clock()
+            if on_page is not None:
+                on_page(result, summary)
+    except JobStoreError as e:
+        raise OcrInputError(str(e)) from None
+    finally:
+        store.close()
+        if owned:
+            model.close()
+    clock()
+    return summary

@@ -19,7 +19,8 @@ from .engine import EngineError
 from .hub import parse_hub_spec, resolve_hub_pair
 
 # Keys the runtime reads from the language model; the vocabulary arrays are never needed here.
-LLM_KEYS = ("general.architecture", FAMILY_KEY, "minicpmv_edge.use_image_id", "minicpmv_edge.max_slice_nums")
+LLM_KEYS = ("general.architecture", FAMILY_KEY, "minicpmv_edge.use_image_id", "minicpmv_edge.max_slice_nums",
+            "minicpmv_edge.small_image_upsize")
 
 
 def split_model_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -87,6 +88,8 @@ class PromptSettings:
     use_image_id: bool
     max_slice_nums: int
     from_file: bool  # the settings came from our converter's keys, not from the family's published defaults
+    # How unsliced images are sized (the processor's `small_image_upsize`, one of the family's modes).
+    small_image_upsize: str = "always"
 
 
 def prompt_settings(llm_value: Callable[[str], str | None], mmproj: dict[str, Any]) -> PromptSettings:
@@ -98,8 +101,13 @@ def prompt_settings(llm_value: Callable[[str], str | None], mmproj: dict[str, An
     except UnknownFamily as e:
         raise EngineError(f"cannot tell which MiniCPM-V family this pair is: {e}") from None
     use_image_id, max_slice_nums = llm["minicpmv_edge.use_image_id"], llm["minicpmv_edge.max_slice_nums"]
+    upsize = llm["minicpmv_edge.small_image_upsize"] or family.small_image_upsize[0]
+    if upsize not in family.small_image_upsize:
+        raise EngineError(f"the model GGUF's minicpmv_edge.small_image_upsize {upsize!r} is none of {family.title}'s "
+                          f"modes ({', '.join(family.small_image_upsize)})")
     return PromptSettings(
         family,
         family.use_image_id if use_image_id is None else use_image_id == "true",
         family.max_slice_nums if max_slice_nums is None else int(max_slice_nums),
-        from_file=use_image_id is not None and max_slice_nums is not None)
+        from_file=use_image_id is not None and max_slice_nums is not None,
+        small_image_upsize=upsize)

@@ -80,11 +80,22 @@ class SliceLayout:
         return self.refined[0] // self.grid[0], self.refined[1] // self.grid[1]
 
 
+class UnsupportedUpsize(ValueError):
+    """A `small_image_upsize` mode this runtime cannot lay out."""
+
+
 def plan_slices(size: tuple[int, int], max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS,
-                align: int = PATCH_SIZE) -> SliceLayout:
+                align: int = PATCH_SIZE, small_image_upsize: str = "always") -> SliceLayout:
+    """The pieces of an image of `size`. `small_image_upsize` (MiniCPM-OCR's processor option; every other
+    family's processor does "always") says how an image that is not sliced is sized: "always" scales it to
+    about 448^2 pixels, "never" keeps its native size, both aligned to `align` (an image larger than 448^2
+    shrinks either way)."""
+    if small_image_upsize not in ("always", "never"):
+        raise UnsupportedUpsize(f"small_image_upsize {small_image_upsize!r} is not supported by this runtime "
+                                "(it lays out 'always' and 'never')")
     grid = sliced_grid(size, max_slice_nums)
     if grid is None:
-        return SliceLayout(find_best_resize(size, patch_size=align, allow_upscale=True))
+        return SliceLayout(find_best_resize(size, patch_size=align, allow_upscale=small_image_upsize == "always"))
     return SliceLayout(find_best_resize(size, patch_size=align), grid, refine_size(size, grid, patch_size=align))
 
 

@@ -8,10 +8,14 @@ from typing import Callable
 import pytest
 
 from minicpmv_edge.convert import ConversionResult, convert_checkpoint
-from minicpmv_edge.convert.synthetic import FAMILIES, MERGER_FAMILIES, make_checkpoint
+from minicpmv_edge.families import families
+from minicpmv_edge.synthetic import make_checkpoint
 
-# 4.6-Thinking has 4.6's weights, tokenizer and converter path; only its chat template differs.
-ALL_FAMILIES = FAMILIES + MERGER_FAMILIES[:1]
+# The registry's families, as synthetic checkpoint keys: the resampler ones (their torch references live in
+# reference.py) and all of them. 4.6-Thinking, a synthetic variant of the 4.6 family, has 4.6's weights,
+# tokenizer and converter path (only its chat template differs), so it is not among them.
+RESAMPLER_FAMILIES = [f.key for f in families() if f.projector == "resampler"]
+ALL_FAMILIES = [f.key for f in families()]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,6 +109,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`family`: the resampler families (their torch references live in reference.py); `any_family`: those
     and MiniCPM-V 4.6, for tests that hold for every converted model."""
     if "family" in metafunc.fixturenames:
-        metafunc.parametrize("family", FAMILIES)
+        metafunc.parametrize("family", RESAMPLER_FAMILIES)
     if "any_family" in metafunc.fixturenames:
         metafunc.parametrize("any_family", ALL_FAMILIES)

@@ -25,7 +25,8 @@ code as mirrored in the listed GitHub repository):
   `MiniCPMLongRoPE` (cos and sin x sqrt(1 + log(max_pos / orig) / log(orig)); the factor list is chosen once,
   long iff max_position_embeddings > original_max_position_embeddings).
 
-Families (see `FAMILIES`): MiniCPM-V 4.0's published LLM is Llama-form (`LlamaForCausalLM` in vLLM's
+Families: each registry family's `reference` hints (`ReferenceHints` in families/specs.py: LLM builder, ViT grid,
+resampler kind, source). MiniCPM-V 4.0's published LLM is Llama-form (`LlamaForCausalLM` in vLLM's
 `MiniCPMV4_0.init_llm` and in transformers PR #39899; its config has LongRoPE but no MiniCPM scales), so it runs
 on transformers' LlamaForCausalLM unless its config.json has the MiniCPM scale keys.
 """
@@ -46,8 +47,11 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
+from minicpmv_edge.families import UnknownFamily, from_config
+from minicpmv_edge.families.specs import ReferenceHints
+
 __all__ = [
-    "FAMILIES", "FamilyRef", "MiniCPMForCausalLM", "Resampler", "encode_image_reference", "family_of",
+    "MiniCPMForCausalLM", "Resampler", "encode_image_reference", "family_of",
     "image_bounds", "language_model", "llm_input_embeddings", "llm_kind", "load_state", "preprocess_448",
     "published_position_ids", "read_config", "resampler", "sincos_pos_embed_1d", "sincos_pos_embed_2d",
     "vision_features", "vision_tower",
@@ -55,25 +59,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-family facts (one table; everything below is generic)
+# Per-family facts: the registry's `Family.reference` (everything below is generic)
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FamilyRef:
-    llm: str        # key of LLM_BUILDERS (overridden to "minicpm" when config.json has MiniCPM scale keys)
-    vit_grid: str   # "tgt": ids from the slice's (h, w) patch grid; "flat": 2.5's 1 x (h*w) grid
-    resampler: str  # "2d" | "3d" (temporal sin-cos ids; a still image gets id -1 = no temporal term)
-    source: str
-
-
-FAMILIES: dict[tuple[str, float], FamilyRef] = {
-    ("MiniCPMV", 2.5): FamilyRef("llama", "flat", "2d", "hub MiniCPM-Llama3-V-2_5 modeling_minicpmv.py"),
-    ("MiniCPMV", 2.6): FamilyRef("qwen2", "tgt", "2d", "hub MiniCPM-V-2_6 modeling_minicpmv.py"),
-    ("MiniCPMO", 2.6): FamilyRef("qwen2", "tgt", "2d", "hub MiniCPM-o-2_6 modeling_minicpmo.py"),
-    ("MiniCPMV", 4.0): FamilyRef("llama", "tgt", "2d", "vLLM MiniCPMV4_0; transformers PR #39899"),
-    ("MiniCPMV", 4.5): FamilyRef("qwen3", "tgt", "3d", "hub MiniCPM-V-4_5 modeling_minicpmv.py + resampler.py"),
-    ("MiniCPMO", 4.5): FamilyRef("qwen3", "tgt", "2d", "OpenBMB/MiniCPM-o-Demo MiniCPMO45/modeling_minicpmo.py"),
-}
 
 # config.json keys of the MiniCPM LLM's muP-style scalings; any of them selects our MiniCPM decoder.
 MINICPM_KEYS = ("scale_emb", "scale_depth", "dim_model_base")
@@ -89,15 +76,16 @@ def read_config(folder: Path | str) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-def family_of(config: dict[str, Any]) -> FamilyRef:
-    """The table row of a config.json: (architecture, version); configs without `version` are 2.5."""
-    arch = (config.get("architectures") or ["MiniCPMV"])[0]
-    version = config.get("version")
-    version = 2.5 if version is None else round(float(version), 1)
+def family_of(config: dict[str, Any]) -> ReferenceHints:
+    """The reference hints of a config.json's family (`families.from_config(config).reference`; configs without
+    `version` are 2.5)."""
     try:
-        return FAMILIES[(arch, version)]
-    except KeyError:
-        raise ValueError(f"no reference for {arch} version {version}") from None
+        hints = from_config(config).reference
+    except UnknownFamily as exc:
+        raise ValueError(f"no reference: {exc}") from None
+    if hints is None:
+        raise ValueError(f"no reference for {from_config(config).title} in reference.py")
+    return hints
 
 
 def llm_kind(config: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from llama_cpp import Llama
 from minicpmv_edge.convert import convert_checkpoint
 from minicpmv_edge.convert.checkpoint import open_checkpoint
 from minicpmv_edge.convert.int4 import dequantize_awq, dequantize_gptq
-from minicpmv_edge.convert.synthetic import make_int4_checkpoint
+from minicpmv_edge.synthetic import make_int4_checkpoint
 from reference import language_model, load_state
 
 VARIANTS = {"gptq": ("gptq", False), "gptq-act-order": ("gptq", True), "awq": ("awq", False)}

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from test_convert import assert_clean_failure, broken_copy, edit_config, run_cli
 
-from minicpmv_edge.convert.synthetic import FAMILIES, MERGER_FAMILIES, make_checkpoint
+from minicpmv_edge.families import families, get
 from minicpmv_edge.runtime.engine import Engine
+from minicpmv_edge.synthetic import make_checkpoint
 
 FAMILY46 = "minicpm-v-4.6"
 ROPE46 = {"rope_theta": 10000000, "rope_type": "default"}  # the synthetic 4.6 text_config's rope_parameters
@@ -75,9 +76,7 @@ def test_what_llama_cpp_cannot_load_fails_in_one_line(source: str, damage, needl
 def test_unequal_linear_head_sizes_are_refused_before_writing(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """Issue 9.6: weights consistent with a config whose value heads are wider than its key heads converted
     without complaint and llama.cpp refused the file (attn_qkv 'has wrong shape; expected 64, 128, got 64, 144')."""
-    from minicpmv_edge.convert.synthetic import minicpmv4_6
-
-    monkeypatch.setitem(minicpmv4_6.TINY, "lin_v_dim", 20)
+    monkeypatch.setitem(get(FAMILY46).synthetic.tiny, "lin_v_dim", 20)
     folder = make_checkpoint(FAMILY46, tmp_path / "ckpt", size="tiny", seed=0)
     outdir = tmp_path / "out"
     assert_clean_failure(run_cli("convert", str(folder), "-o", str(outdir), "-q"), outdir,
@@ -87,8 +86,9 @@ def test_unequal_linear_head_sizes_are_refused_before_writing(tmp_path: Path, mo
 # Families x presets the other tests convert (test_model_parity, test_quant_parity, test_runtime_layout,
 # test_ocr), less what test_convert.py already loads.
 CONVERTED_PRESETS = ("f32", "f16", "q8_0", "q4_k_m")
-NOT_YET_LOADED = [(family, preset) for family in FAMILIES + MERGER_FAMILIES[:1] for preset in CONVERTED_PRESETS
-                  if family != "minicpm-v-4.5" and not (family in FAMILIES and preset == "q4_k_m")]
+RESAMPLER = [f.key for f in families() if f.projector == "resampler"]
+NOT_YET_LOADED = [(f.key, preset) for f in families() for preset in CONVERTED_PRESETS
+                  if f.key != "minicpm-v-4.5" and not (f.key in RESAMPLER and preset == "q4_k_m")]
 
 
 @pytest.mark.parametrize("which, preset", NOT_YET_LOADED)

@@ -123,6 +123,36 @@ def test_cli_bad_inputs_are_one_line(model_dir: Path, tmp_path: Path) -> None:
         assert proc.returncode == 1 and needle in err and err.strip().count("\n") == 0, err
 
 
+def test_cli_usage_errors_exit_2_with_the_usage(tmp_path: Path) -> None:
+    for args, needle in [([str(tmp_path), str(tmp_path), "--mode", "html"], "'--mode'"),
+                         ([str(tmp_path)], "no inputs after MODEL"),
+                         ([str(tmp_path), str(tmp_path), "-t", "0"], "'--threads'")]:
+        proc = subprocess.run([sys.executable, "-m", "minicpmv_edge.cli.main", "ocr", *args, "-o",
+                               str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Usage: minicpmv ocr" in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_run_batch_is_the_command_as_a_function(model_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    from minicpmv_edge.runtime import load
+    from minicpmv_edge.runtime.ocr import OcrOptions, run_batch
+
+    inputs, output, options = [str(corpus / "scan00.png"), str(corpus / "corrupt.png")], tmp_path / "o.jsonl", \
+        OcrOptions(max_new_tokens=8)
+    totals, seen = [], []
+    summary = run_batch(model_dir, inputs, output, options, n_threads=1, on_start=totals.append,
+                        on_page=lambda result, so_far: seen.append((result.status, so_far.done, so_far.failed)))
+    assert totals == [2] and seen == [("done", 1, 0), ("failed", 1, 1)]
+    assert summary.as_dict() == {"done": 1, "skipped": 0, "failed": 1, "pages_per_min": summary.pages_per_min,
+                                 "output": str(output)} and summary.pages_per_min > 0
+    with load(model_dir) as model:  # a loaded model is the caller's: used, and left open
+        again = run_batch(model, inputs, output, options)
+        assert (again.done, again.skipped, again.failed) == (0, 1, 1)
+        assert model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1, sampling=False).timings
+    assert len(records(output)) == 2
+    with pytest.raises(OcrInputError, match="no pages"):
+        run_batch(model_dir, [str(corpus)], output, exclude=["*"])
+
+
 def test_embedding_cache_skips_the_vision_tower_on_a_rerun(model_dir: Path, corpus: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first, second = tmp_path / "text.jsonl", tmp_path / "markdown.jsonl"

@@ -48,10 +48,11 @@ def test_row_fallbacks_and_layer_pattern_match_llama_quantize(tmp_path: Path, mo
     """Rows that k-quant blocks cannot hold (hidden 384, ffn 320) fall back as llama.cpp does
     (Q4_K -> Q5_0, Q6_K -> Q8_0, output -> Q8_0), over 8 layers of the use-more-bits pattern."""
     from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.convert.synthetic import families, make_checkpoint
+    from minicpmv_edge.families import get
+    from minicpmv_edge.synthetic import make_checkpoint
 
     for key, value in {"hidden": 384, "intermediate": 320, "layers": 8}.items():
-        monkeypatch.setitem(families.TINY, key, value)
+        monkeypatch.setitem(get("minicpm-v-4.5").synthetic.tiny, key, value)
     checkpoint = make_checkpoint("minicpm-v-4.5", tmp_path / "odd")
     ours = {t.name: t for t in GGUFReader(convert_checkpoint(checkpoint, tmp_path / "q", "q4_k_m").llm_path).tensors}
     reference = llama_quantize(convert_checkpoint(checkpoint, tmp_path / "f", "f32").llm_path,

@@ -99,7 +99,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_ask_json_and_info(model_dir: Path, tmp_path: Path) -> None:
     image = tmp_path / "photo.png"
     picture().save(image)
-    proc = run_cli("ask", str(model_dir), "--image", str(image), "-n", "5", "--json", "What is this?")
+    proc = run_cli("ask", str(model_dir), "--image", str(image), "-n", "5", "-t", "1", "--temperature", "0",
+                   "--json", "What is this?")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert set(record) == {"answer", "timings"} and record["timings"]["generation_tokens"] <= 5
@@ -119,6 +120,18 @@ def test_cli_bad_input_is_one_line(model_dir: Path, tmp_path: Path, args: list[s
     assert proc.stderr.strip().count("\n") == 0 and needle in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["ask", "{tmp}"], "one question after MODEL"),
+    (["ask", "{tmp}", "Q?", "and another"], "one question after MODEL"),
+    (["ask", "{tmp}", "-t", "0", "Q?"], "'--threads'"),
+    (["ask", "{tmp}", "--temperature=-1", "Q?"], "'--temperature'"),
+    (["chat", "{tmp}", "extra"], "nothing follows MODEL"),
+])
+def test_cli_usage_errors_exit_2_with_the_usage(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2 and f"Usage: minicpmv {args[0]}" in proc.stderr and needle in proc.stderr, proc.stderr
+
+
 def test_cli_missing_model_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("ask", str(tmp_path), "Q?")
     assert proc.returncode == 1 and "should hold one model GGUF" in proc.stderr
@@ -130,7 +143,7 @@ def test_thinking_switch_follows_the_template(model) -> None:
     from minicpmv_edge.runtime.model import split_reasoning
 
     msgs = [{"role": "user", "content": "Why is the sky blue?"}]
-    off = model.engine.tokenize(model.template.render(messages=msgs, add_generation_prompt=True,
+    off = model.engine.tokenize(model.prompt.template.render(messages=msgs, add_generation_prompt=True,
                                                       enable_thinking=False))
     items_off, _ = model.prepare(msgs, enable_thinking=False)
     items_on, _ = model.prepare(msgs, enable_thinking=True)
@@ -158,7 +171,7 @@ def test_vision_path_errors_are_the_runtime_s_one_line_errors(model) -> None:
     from minicpmv_edge.runtime.clip_encoder import check_compatible
 
     with pytest.raises(VisionError, match=r"piece of 450x448 is not a multiple of the 14-pixel patch"):
-        model.pieces.encode(picture((450, 448)))
+        model.vision.encoder.encode(picture((450, 448)))
     with pytest.raises(VisionError, match=r"llama-cpp-python 0\.3\.35 is installed.*pip install llama-cpp-python==0\.3\.36"):
         check_compatible("0.3.35")
     check_compatible()  # the installed one is the pinned one

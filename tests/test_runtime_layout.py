@@ -66,5 +66,5 @@ def test_prompt_tokens_match_official_processor(family: str, chat: str, max_slic
 def test_piece_encoder_equals_mtmd(family: str, models) -> None:
     model = models(family)
     image = random_image((448, 448), 3)
-    [reference] = model.vision.encode_image(image)
-    np.testing.assert_array_equal(model.pieces.encode(image), reference)
+    [reference] = model.vision.tower.encode_image(image)
+    np.testing.assert_array_equal(model.vision.encoder.encode(image), reference)

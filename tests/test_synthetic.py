@@ -11,21 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from minicpmv_edge.convert.synthetic import FAMILIES, make_checkpoint, plan_tensors
+from minicpmv_edge.families import families, get
+from minicpmv_edge.synthetic import make_checkpoint, plan_tensors, synthetic_keys
 
+# The registry's resampler families (4.6: test_synthetic_minicpmv4_6.py).
+RESAMPLER = [f.key for f in families() if f.projector == "resampler"]
 MULTILINGUAL = "Hello, world! 你好，世界。こんにちは 12345 3.14 😀🚀 def f(x):\n\treturn x * 2  # Größe"
 MESSAGES = [{"role": "user", "content": "What is in the image?"}, {"role": "assistant", "content": "A cat."},
             {"role": "user", "content": "什么颜色？"}]
-OMNI = {"minicpm-o-2.6", "minicpm-o-4.5"}
-# Standard transformers class each family's `llm.*` tensors must load into.
-LLM_MODEL_TYPE = {"minicpm-llama3-v-2.5": "llama", "minicpm-v-2.6": "qwen2", "minicpm-o-2.6": "qwen2",
-                  "minicpm-v-4.0": "llama", "minicpm-v-4.5": "qwen3", "minicpm-o-4.5": "qwen3"}
+
+
+def _omni(fam: str) -> bool:
+    return get(fam).synthetic.audio
+
+
+def _llm_model_type(fam: str) -> str:
+    """The standard transformers class (model_type) the family's `llm.*` tensors must load into: its reference."""
+    return get(fam).reference.llm
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic")
-    return {f: make_checkpoint(f, root / f) for f in FAMILIES}
+    return {f: make_checkpoint(f, root / f) for f in RESAMPLER}
 
 
 def _read_header(path: Path) -> dict:
@@ -39,13 +47,14 @@ def _config(ckpt: Path) -> dict:
 
 
 def test_families_and_unknown_family(tmp_path: Path) -> None:
-    assert len(FAMILIES) == 6 and "minicpm-v-4.5" in FAMILIES
+    assert len(RESAMPLER) == 6 and "minicpm-v-4.5" in RESAMPLER
+    assert set(RESAMPLER) < set(synthetic_keys())
     with pytest.raises(ValueError, match="minicpm-v-2.6"):
         make_checkpoint("minicpm-v-9.9", tmp_path / "x")
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", RESAMPLER)
 def test_file_set_and_index(checkpoints: dict[str, Path], fam: str) -> None:
     ckpt = checkpoints[fam]
     names = {p.name for p in ckpt.iterdir()}
@@ -74,11 +83,11 @@ def test_file_set_and_index(checkpoints: dict[str, Path], fam: str) -> None:
     assert sum(math.prod(s) for _, s in planned) * 2 == total
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", RESAMPLER)
 def test_config_and_tensor_names(checkpoints: dict[str, Path], fam: str) -> None:
     ckpt = checkpoints[fam]
     cfg = _config(ckpt)
-    assert cfg["architectures"] == (["MiniCPMO"] if fam in OMNI else ["MiniCPMV"])
+    assert cfg["architectures"] == (["MiniCPMO"] if _omni(fam) else ["MiniCPMV"])
     for key in ("model_type", "query_num", "image_size", "patch_size", "slice_config", "slice_mode",
                 "batch_vision_input", "drop_vision_last_layer", "vision_config", "auto_map", "torch_dtype",
                 "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -96,7 +105,7 @@ def test_config_and_tensor_names(checkpoints: dict[str, Path], fam: str) -> None
     shapes = dict(plan_tensors(fam, "tiny"))
     prefixes = {n.split(".")[0] for n in shapes}
     assert {"llm", "vpm", "resampler"} <= prefixes
-    assert ({"apm", "tts", "audio_projection_layer"} <= prefixes) == (fam in OMNI)
+    assert ({"apm", "tts", "audio_projection_layer"} <= prefixes) == _omni(fam)
     h, vh = cfg["hidden_size"], cfg["vision_config"]["hidden_size"]
     assert shapes["vpm.embeddings.position_embedding.weight"] == (4900, vh)
     assert shapes["vpm.embeddings.patch_embedding.weight"] == (vh, 3, 14, 14)
@@ -112,7 +121,7 @@ def test_config_and_tensor_names(checkpoints: dict[str, Path], fam: str) -> None
         assert cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]   # published quirk kept
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", RESAMPLER)
 def test_tokenizer_roundtrip_and_chat_template(checkpoints: dict[str, Path], fam: str) -> None:
     transformers = pytest.importorskip("transformers")
     ckpt = checkpoints[fam]
@@ -133,13 +142,13 @@ def test_tokenizer_roundtrip_and_chat_template(checkpoints: dict[str, Path], fam
     assert "什么颜色？" in prompt
     eos = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
     assert any(tok.convert_ids_to_tokens(i) in prompt for i in eos) or fam == "minicpm-llama3-v-2.5"
-    if "qwen3" == LLM_MODEL_TYPE[fam]:                            # thinking switch of the 4.5 template
+    if "qwen3" == _llm_model_type(fam):                            # thinking switch of the 4.5 template
         off = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", RESAMPLER)
 def test_llm_and_vision_load_into_transformers_classes(checkpoints: dict[str, Path], fam: str) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -152,7 +161,7 @@ def test_llm_and_vision_load_into_transformers_classes(checkpoints: dict[str, Pa
     for shard in sorted(ckpt.glob("model-*.safetensors")):
         state.update(load_file(shard))
     nested = ("vision_config", "slice_config", "auto_map", "architectures", "model_type", "audio_config", "tts_config")
-    llm_cfg = transformers.AutoConfig.for_model(LLM_MODEL_TYPE[fam], **{k: v for k, v in cfg.items() if k not in nested})
+    llm_cfg = transformers.AutoConfig.for_model(_llm_model_type(fam), **{k: v for k, v in cfg.items() if k not in nested})
     llm = transformers.AutoModelForCausalLM.from_config(llm_cfg, dtype=torch.bfloat16)
     llm.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("llm.")}, strict=True)
     logits = llm(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float()
@@ -186,5 +195,5 @@ def test_full_size_plan_matches_published_parameter_count() -> None:
     assert shapes["llm.model.layers.35.self_attn.q_norm.weight"] == (128,)
     assert shapes["vpm.encoder.layers.26.mlp.fc1.weight"] == (4304, 1152)
     assert shapes["resampler.attn.in_proj_weight"] == (3 * 4096, 4096)
-    for family in FAMILIES:                                          # every full plan is well formed
+    for family in RESAMPLER:                                          # every full plan is well formed
         assert sum(math.prod(s) for _, s in plan_tensors(family, "full")) > 3.5e9

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from minicpmv_edge.convert.synthetic import FAMILIES, MERGER_FAMILIES, make_checkpoint
-from minicpmv_edge.convert.synthetic import minicpmv4_6 as m46
+from minicpmv_edge.families import families, get
+from minicpmv_edge.synthetic import build_tokenizer, checkpoint_spec, make_checkpoint, synthetic_keys
+from minicpmv_edge.synthetic import minicpmv4_6 as m46
+from minicpmv_edge.synthetic.tokenizer import QWEN35_SPLIT
+
+# The synthetic keys of the registry's 4.6 family: itself and its 4.6-Thinking variant.
+VARIANTS = [k for k in synthetic_keys() if checkpoint_spec(k)[0].key == "minicpm-v-4.6"]
+NAMED_TOKENS = get("minicpm-v-4.6").synthetic.tokenizer_config["extra_special_tokens"]
 
 pytest.importorskip("transformers")
 
@@ -35,7 +41,7 @@ MESSAGES = [{"role": "user", "content": "What is in the image?"}]
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synthetic46")
-    return {f: make_checkpoint(f, root / f, size="tiny", seed=0) for f in MERGER_FAMILIES}
+    return {f: make_checkpoint(f, root / f, size="tiny", seed=0) for f in VARIANTS}
 
 
 def _header(path: Path) -> dict:
@@ -55,25 +61,29 @@ def _prefix(key: str) -> str:
 
 
 def test_families_exported() -> None:
-    assert MERGER_FAMILIES == ("minicpm-v-4.6", "minicpm-v-4.6-thinking")
-    assert not set(MERGER_FAMILIES) & set(FAMILIES)
+    assert VARIANTS == ["minicpm-v-4.6", "minicpm-v-4.6-thinking"]
+    # 4.6-Thinking is a variant, not a family; MiniCPM-OCR shares the projector and comes after 4.6 (a pair
+    # without our family key reads as 4.6).
+    assert [f.key for f in families() if f.projector == "minicpmv4_6"] == ["minicpm-v-4.6", "minicpm-ocr-1.0"]
     assert sum(PUBLISHED_PREFIX_COUNTS.values()) == 779
     # The published per-layer tensor counts reproduce the published totals.
     assert 27 * PER_VIT_LAYER == 432 and 18 * PER_LINEAR_LAYER + 6 * PER_FULL_LAYER == 318
 
 
 def test_no_heavy_imports_at_package_import() -> None:
-    code = "import sys, minicpmv_edge.convert.synthetic as s; assert s.MERGER_FAMILIES; " \
-           "assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, minicpmv_edge.synthetic as s; assert 'minicpm-v-4.6' in s.synthetic_keys(); " \
+           "assert 'transformers' not in sys.modules, 'transformers imported'; " \
+           "assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-    tree = ast.parse(Path(m46.__file__).read_text())
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
-    names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
-    assert not names & {"torch", "transformers", "safetensors"}
+    for module in Path(m46.__file__).parent.glob("*.py"):   # no module of the factory imports them at the top
+        tree = ast.parse(module.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+        assert not names & {"torch", "transformers", "safetensors"}, module.name
 
 
-@pytest.mark.parametrize("fam", MERGER_FAMILIES)
+@pytest.mark.parametrize("fam", VARIANTS)
 def test_files_and_config(ckpts: dict[str, Path], fam: str) -> None:
     ckpt = ckpts[fam]
     names = {p.name for p in ckpt.iterdir()}
@@ -97,9 +107,9 @@ def test_files_and_config(ckpts: dict[str, Path], fam: str) -> None:
     assert (txt["hidden_size"], txt["head_dim"], txt["num_attention_heads"],
             txt["num_key_value_heads"]) == (64, 16, 4, 2)
     assert (txt["linear_num_key_heads"], txt["linear_num_value_heads"]) == (2, 4)
-    assert txt["vocab_size"] % 64 == 0 and txt["vocab_size"] >= m46.build_tokenizer_46().size
+    assert txt["vocab_size"] % 64 == 0 and txt["vocab_size"] >= build_tokenizer(fam).size
 
-    vocab = m46.build_tokenizer_46().vocab
+    vocab = build_tokenizer(fam).vocab
     assert cfg["image_token_id"] == vocab["<|image_pad|>"] and cfg["video_token_id"] == vocab["<|video_pad|>"]
     gen = json.loads((ckpt / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
@@ -107,7 +117,7 @@ def test_files_and_config(ckpts: dict[str, Path], fam: str) -> None:
     assert ("chat_template_kwargs" in gen) == (fam == "minicpm-v-4.6")
 
 
-@pytest.mark.parametrize("fam", MERGER_FAMILIES)
+@pytest.mark.parametrize("fam", VARIANTS)
 def test_tensor_keys(ckpts: dict[str, Path], fam: str) -> None:
     header = _header(ckpts[fam] / "model.safetensors")
     assert {v["dtype"] for v in header.values()} == {"BF16"}
@@ -128,15 +138,15 @@ def test_tokenizer(ckpts: dict[str, Path]) -> None:
 
     tok_json = json.loads((ckpts["minicpm-v-4.6"] / "tokenizer.json").read_text())
     split = tok_json["pre_tokenizer"]["pretokenizers"][0]
-    assert split["type"] == "Split" and split["pattern"]["Regex"] == m46.QWEN35_SPLIT
+    assert split["type"] == "Split" and split["pattern"]["Regex"] == QWEN35_SPLIT
     assert tok_json["normalizer"]["type"] == "NFC"
 
     tok = AutoTokenizer.from_pretrained(ckpts["minicpm-v-4.6"])
-    assert {n: getattr(tok, n) for n in NAMED} == m46.NAMED_TOKENS
+    assert {n: getattr(tok, n) for n in NAMED} == NAMED_TOKENS
     cfg = _config(ckpts["minicpm-v-4.6"])
     assert tok.image_token_id == cfg["image_token_id"] and tok.video_token_id == cfg["video_token_id"]
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    for t in ["<think>", "</think>", "<tool_call>", "<unk>", *m46.NAMED_TOKENS.values()]:
+    for t in ["<think>", "</think>", "<tool_call>", "<unk>", *NAMED_TOKENS.values()]:
         assert len(tok(t, add_special_tokens=False).input_ids) == 1, t
     text = "Hello, world! 你好 12345 😀"
     assert tok.decode(tok(text).input_ids) == text

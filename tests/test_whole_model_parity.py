@@ -79,7 +79,6 @@ def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_
     assert (chosen >= reference_logits.max(-1) - TIE).all()
 
     ours_tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=STEPS)]
-    assert len(ours_tokens) == STEPS or model.engine.is_end(ours_tokens[-1])
     # Teacher-forced on our tokens, the reference must rank each one first, up to a near-tie: random tiny
     # weights give flat logits where top-2 gaps below float32 noise (TIE logits) occur.
     with torch.no_grad():
@@ -88,6 +87,26 @@ def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_
             logits = llm(inputs_embeds=sequence[None]).logits[0, -1]
             assert float(logits[token]) >= float(logits.max()) - TIE
             sequence = torch.cat([sequence, llm.get_input_embeddings()(torch.tensor([token]))])
+    # ... so the reference ended where ours did (its choice there is that end token) or ran all STEPS too
+    assert_stopped_with_reference(ours_tokens, model.engine.is_end, end_ids(folder), STEPS)
+
+
+def end_ids(folder) -> set[int]:  # noqa: ANN001
+    """The published generate()'s stop tokens: generation_config.json's eos_token_id (an id or a list)."""
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def assert_stopped_with_reference(tokens: list[int], is_end, stops: set[int], steps: int) -> None:  # noqa: ANN001
+    """For a greedy run each of whose tokens the reference chose on the same prefix: it stopped where the
+    reference stops. Ours ends at every stop token of the reference (`stops`; ours may end at more: llama.cpp's
+    end-of-generation set also holds e.g. <|eot_id|>, <|endoftext|>), no token before the last is an end token
+    of either, and the run is `steps` tokens long or its last token, which the reference chose there, is an end
+    token."""
+    assert tokens, "no token generated"
+    assert all(is_end(t) for t in stops), f"the runtime does not end at all of {sorted(stops)}"
+    assert not [t for t in tokens[:-1] if t in stops or is_end(t)], f"went on after an end token: {tokens}"
+    assert len(tokens) == steps or is_end(tokens[-1]), f"stopped after {len(tokens)} tokens at no end: {tokens}"
 
 
 def test_position_bucket_rounding_is_the_only_vision_difference(converted, tiny_checkpoint) -> None:
@@ -97,7 +116,7 @@ def test_position_bucket_rounding_is_the_only_vision_difference(converted, tiny_
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
     model = load(converted("minicpm-v-4.5", "f32").llm_path.parent, n_ctx=256)
     piece = random_image((574, 350), 4)
-    ours = model.pieces.encode(piece)
+    ours = model.vision.encoder.encode(piece)
     model.close()
     pixels = preprocess(piece, preprocessor)
     with torch.no_grad():

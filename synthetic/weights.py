@@ -16,9 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-
-from .families import Family
+from minicpmv_edge.families.specs import CheckpointSpec
 
 Shape = tuple[int, ...]
 Entry = tuple[str, Shape]
@@ -59,14 +57,14 @@ def _norm(name: str, dim: int) -> Iterator[Entry]:
     yield f"{name}.bias", (dim,)
 
 
-def plan_from_dims(fam: Family, d: dict[str, int]) -> list[Entry]:
-    """(name, shape) of every tensor for concrete dims `d` (see `families.TINY` / `Family.full`)."""
+def plan_from_dims(spec: CheckpointSpec, d: dict[str, int]) -> list[Entry]:
+    """(name, shape) of every tensor of a resampler-layout checkpoint for concrete dims `d` (`factory.dims`)."""
     h, hd = d["hidden"], d.get("head_dim") or d["hidden"] // d["heads"]
     out: list[Entry] = [("llm.model.embed_tokens.weight", (d["vocab"], h))]
     out += _decoder_layers("llm.model.", d["layers"], h, d["intermediate"], d["heads"], d["kv_heads"], hd,
-                           qkv_bias=fam.llm == "qwen2", qk_norm=fam.llm == "qwen3")
+                           qkv_bias=spec.llm == "qwen2", qk_norm=spec.llm == "qwen3")
     out.append(("llm.model.norm.weight", (h,)))
-    if not fam.tie_word_embeddings:
+    if not spec.tie_word_embeddings:
         out.append(("llm.lm_head.weight", (d["vocab"], h)))
 
     vh, vi = d["v_hidden"], d["v_intermediate"]
@@ -82,16 +80,16 @@ def plan_from_dims(fam: Family, d: dict[str, int]) -> list[Entry]:
     out += _norm("vpm.post_layernorm", vh)
 
     # Resampler: embed_dim == LLM hidden, 128-wide heads, kv_proj has no bias, proj is used as x @ proj.
-    out += [("resampler.query", (fam.query_num, h)), ("resampler.proj", (h, h)), ("resampler.kv_proj.weight", (h, vh)),
+    out += [("resampler.query", (spec.query_num, h)), ("resampler.proj", (h, h)), ("resampler.kv_proj.weight", (h, vh)),
             ("resampler.attn.in_proj_weight", (3 * h, h)), ("resampler.attn.in_proj_bias", (3 * h,)),
             *_linear("resampler.attn.out_proj", h, h), *_norm("resampler.ln_q", h), *_norm("resampler.ln_kv", h),
             *_norm("resampler.ln_post", h)]
-    if fam.audio:
-        out += _audio_and_tts(fam, d)
+    if spec.audio:
+        out += _audio_and_tts(spec, d)
     return out
 
 
-def _audio_and_tts(fam: Family, d: dict[str, int]) -> list[Entry]:
+def _audio_and_tts(spec: CheckpointSpec, d: dict[str, int]) -> list[Entry]:
     """MiniCPM-o extras: Whisper-style encoder (apm), its projector, and the TTS head. A
     converter to a vision+text GGUF must skip all of these."""
     a, f, h = d["a_dmodel"], d["a_ffn"], d["hidden"]
@@ -109,13 +107,13 @@ def _audio_and_tts(fam: Family, d: dict[str, int]) -> list[Entry]:
     t, th = d["tts_hidden"], d["tts_heads"]
     out += [*_linear("tts.projector.linear1", t, h), *_linear("tts.projector.linear2", t, t),
             ("tts.emb_text.weight", (d["tts_text_vocab"], t))]
-    num_vq = 4 if fam.tts_layout == "chattts" else 1
+    num_vq = 4 if spec.tts_layout == "chattts" else 1
     for k in range(num_vq):
         out.append((f"tts.emb_code.{k}.weight", (d["tts_audio_vocab"], t)))
     out += _decoder_layers("tts.model.", d["tts_layers"], t, d["tts_intermediate"], th, th, t // th)
     out.append(("tts.model.norm.weight", (t,)))
     for k in range(num_vq):
-        if fam.tts_layout == "chattts":   # weight-normed heads, as torch's parametrizations name them
+        if spec.tts_layout == "chattts":   # weight-normed heads, as torch's parametrizations name them
             out += [(f"tts.head_code.{k}.parametrizations.weight.original0", (d["tts_audio_vocab"], 1)),
                     (f"tts.head_code.{k}.parametrizations.weight.original1", (d["tts_audio_vocab"], t))]
         else:
@@ -145,6 +143,8 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 def tensor_bytes(name: str, shape: Shape, seed: int) -> Iterator[memoryview]:
     """Deterministic bf16 data of one tensor, produced in bounded chunks."""
+    import torch  # only when weights are written: importing the factory must not import torch
+
     mean, std = _init_rule(name)
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
     remaining = math.prod(shape)

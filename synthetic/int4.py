@@ -68,7 +68,7 @@ def make_int4_checkpoint(source: Path, out_dir: Path, method: Literal["gptq", "a
     import torch
     from safetensors.torch import save_file
 
-    from ..checkpoint import open_checkpoint
+    from minicpmv_edge.convert.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(Path(source))
     rng = np.random.default_rng(seed)

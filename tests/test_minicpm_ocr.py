@@ -1,0 +1,277 @@
+"""MiniCPM-OCR 1.0 end to end against transformers' own implementation (`transformers.models.minicpm_ocr`) on the
+same tiny synthetic weights: the converter (4x by default, tied and untied output), the published processor's
+token layout in `small_image_upsize` "always" and "never", and the model's numbers.
+
+The published image processor (`MiniCPMOcrImageProcessor`) is torchvision-backed and torchvision is not
+installed: `PublishedImageProcessor` is that class unchanged but for its two torchvision calls, the resize (done
+with PIL's bicubic, as the runtime and 4.6's PIL processor resize) and the normalisation (the same arithmetic).
+
+Stated tolerances:
+- token layout: identical ids to the published `MiniCPMOcrProcessor` for five image shapes and four
+  `max_slice_nums` values, in both upsize modes and both downsample modes;
+- image features: per-token cosine >= 0.999 between clip.cpp (F16 mmproj) and the transformers model's vision
+  path for every piece (measured: >= 0.99999);
+- logits of an image + text prompt (F32 GGUF): the same argmax at every position and |difference| < 0.01;
+  greedy generation: the same 32 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from official import random_image
+from PIL import Image
+
+from minicpmv_edge.convert import convert_checkpoint
+from minicpmv_edge.families import get
+from minicpmv_edge.runtime import load
+from minicpmv_edge.runtime.prompt import ChatInputError
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.minicpm_ocr.image_processing_minicpm_ocr import MiniCPMOcrImageProcessor  # noqa: E402
+from transformers.models.minicpm_ocr.processing_minicpm_ocr import MiniCPMOcrProcessor  # noqa: E402
+from transformers.models.minicpm_ocr.video_processing_minicpm_ocr import MiniCPMOcrVideoProcessor  # noqa: E402
+
+FAMILY = "minicpm-ocr-1.0"
+SIZES = {"small": (300, 200), "tiny": (60, 40), "wide": (1200, 400), "tall": (400, 1100), "large": (1500, 1300)}
+QUESTION = "Read the text."
+
+
+class PublishedImageProcessor(MiniCPMOcrImageProcessor):
+    """MiniCPMOcrImageProcessor with PIL's bicubic resize and plain-torch normalisation instead of torchvision's."""
+
+    def resize(self, image, size, resample=None, **kwargs):  # noqa: ANN001, ANN201
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        out = pil.resize((size.width, size.height), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).contiguous()
+
+    def normalize(self, image, mean, std, inplace=False, **kwargs):  # noqa: ANN001, ANN201
+        mean = torch.as_tensor(mean, dtype=image.dtype).reshape(-1, 1, 1)
+        std = torch.as_tensor(std, dtype=image.dtype).reshape(-1, 1, 1)
+        return (image - mean) / std
+
+
+class LayoutOnlyImageProcessor(MiniCPMOcrImageProcessor):
+    """MiniCPMOcrImageProcessor whose resize makes a blank image of the size it chose: the token layout depends on
+    the sizes only, and this keeps the layout test fast."""
+
+    def resize(self, image, size, resample=None, **kwargs):  # noqa: ANN001, ANN201
+        return torch.zeros((image.shape[0], size.height, size.width), dtype=image.dtype)
+
+    def normalize(self, image, mean, std, inplace=False, **kwargs):  # noqa: ANN001, ANN201
+        return image
+
+
+class CountingVision:
+    """The model's VisionPipeline for layout only: its real `layout`, and for each piece as many (empty)
+    embedding rows as the merger makes of it (checked against transformers in the features test)."""
+
+    def __init__(self, vision) -> None:  # noqa: ANN001
+        self.vision = vision
+
+    def layout(self, size, max_slice_nums, small_image_upsize="always"):  # noqa: ANN001, ANN201
+        return self.vision.layout(size, max_slice_nums, small_image_upsize)
+
+    def embeddings(self, key, piece):  # noqa: ANN001, ANN201
+        image = piece()
+        rows = image.width * image.height // self.vision.piece_align ** 2
+        return np.zeros((rows, 1), np.float32), 0.0
+
+    def keep_only(self, protected) -> None:  # noqa: ANN001
+        pass
+
+
+class PublishedProcessor(MiniCPMOcrProcessor):
+    """The published processor unchanged, but for the constructor's class checks (torchvision registry)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):  # noqa: ANN001, ANN201
+        return None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint) -> Path:  # noqa: ANN001
+    return tiny_checkpoint(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):  # noqa: ANN201
+    model = transformers.MiniCPMOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def runtime(checkpoint: Path, workdir: Path):  # noqa: ANN001, ANN201
+    loaded = {}
+
+    def get_model(mode: str | None, preset: str):  # noqa: ANN202
+        if (mode, preset) not in loaded:
+            result = convert_checkpoint(checkpoint, workdir / "ocr" / f"{preset}-{mode}", preset,
+                                        downsample_mode=mode)
+            loaded[mode, preset] = load(result.llm_path, result.mmproj_path)
+            loaded[mode, preset].conversion = result
+        return loaded[mode, preset]
+
+    yield get_model
+    for model in loaded.values():
+        model.close()
+
+
+def images_processor(checkpoint: Path, mode: str, upsize: str) -> PublishedImageProcessor:
+    return PublishedImageProcessor.from_pretrained(checkpoint, downsample_mode=mode, small_image_upsize=upsize)
+
+
+def processor(checkpoint: Path, mode: str, upsize: str) -> PublishedProcessor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    images = LayoutOnlyImageProcessor.from_pretrained(checkpoint, downsample_mode=mode, small_image_upsize=upsize)
+    return PublishedProcessor(image_processor=images,
+                              video_processor=MiniCPMOcrVideoProcessor(), tokenizer=tokenizer)
+
+
+def image_ids(items: list, image_token_id: int) -> list[int]:
+    return [item if isinstance(item, int) else image_token_id for item in items]
+
+
+def test_family_is_detected_and_converted_with_its_defaults(checkpoint: Path, runtime) -> None:  # noqa: ANN001
+    model = runtime(None, "f16")   # no --downsample-mode: the preprocessor config's 4x
+    assert model.family == FAMILY and model.settings.from_file
+    assert model.settings.small_image_upsize == "always" and model.max_slice_nums == 9
+    assert model.vision.piece_align == 28
+    result = model.conversion
+    # 4x is the checkpoint's default: the plain mmproj name; tied embeddings: no output.weight, as published.
+    assert result.mmproj_path.name == "mmproj-minicpm-ocr-1.0-F16.gguf"
+    assert "output.weight" not in {t.name for t in GGUFReader(result.llm_path).tensors}
+    other = runtime("16x", "f16")
+    assert other.vision.piece_align == 56 and other.conversion.mmproj_path.name == "mmproj-minicpm-ocr-1.0-16x-F16.gguf"
+
+
+@pytest.mark.parametrize("mode", ["4x", "16x"])
+@pytest.mark.parametrize("upsize", ["always", "never"])
+def test_layout_matches_published_processor(mode: str, upsize: str, checkpoint: Path, runtime) -> None:  # noqa: ANN001
+    model = runtime(mode, "f16")
+    vision = CountingVision(model.vision)
+    published = processor(checkpoint, mode, upsize)
+    tokenizer = published.tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
+                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    for name, size in SIZES.items():
+        image = random_image(size, 1)
+        for max_slice_nums in (1, 4, 9, 16):
+            items, _ = model.prompt.build([{"role": "user", "content": [image, QUESTION]}], vision,
+                                          max_slice_nums=max_slice_nums, small_image_upsize=upsize)
+            expected = published(text=[prompt], images=[image], max_slice_nums=max_slice_nums, return_tensors="np")
+            assert image_ids(items, tokenizer.image_token_id) == expected["input_ids"][0].tolist(), \
+                (name, max_slice_nums)
+
+
+def test_unsupported_upsize_is_one_clear_error(runtime) -> None:  # noqa: ANN001
+    model = runtime("4x", "f16")
+    msgs = [{"role": "user", "content": [random_image((100, 80), 1), QUESTION]}]
+    with pytest.raises(ChatInputError, match="'adaptive' is not supported by this runtime"):
+        model.prepare(msgs, small_image_upsize="adaptive")
+    with pytest.raises(ChatInputError, match="none of MiniCPM-OCR 1.0's modes"):
+        model.prepare(msgs, small_image_upsize="sometimes")
+
+
+@pytest.mark.parametrize(("mode", "upsize"), [("4x", "always"), ("4x", "never"), ("16x", "never")])
+def test_image_features_match_transformers(mode: str, upsize: str, checkpoint: Path, reference,  # noqa: ANN001
+                                           runtime) -> None:  # noqa: ANN001
+    from minicpmv_edge.runtime.slicing import cut, plan_slices
+
+    model = runtime(mode, "f16")
+    images = images_processor(checkpoint, mode, upsize)
+    for name, size in SIZES.items():
+        image = random_image(size, 2)
+        pixels = images(image, return_tensors="pt")
+        pieces = cut(image, plan_slices(image.size, 9, model.vision.piece_align, upsize))
+        assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), name
+        with torch.no_grad():
+            expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
+                                                          downsample_mode=mode).pooler_output
+        for piece, want in zip(pieces, expected):
+            ours, want = model.vision.encoder.encode(piece), want.float().numpy()
+            assert ours.shape == want.shape, name
+            cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert cosine.min() >= 0.999, (name, float(cosine.min()))
+
+
+def _logits_and_greedy(model, reference, checkpoint: Path, mode: str, upsize: str,  # noqa: ANN001
+                       image: Image.Image) -> None:
+    msgs = [{"role": "user", "content": [image, QUESTION]}]
+    items, _ = model.prepare(msgs, small_image_upsize=upsize)
+    ids = torch.tensor([image_ids(items, reference.config.image_token_id)])
+    pixels = images_processor(checkpoint, mode, upsize)(image, return_tensors="pt")
+    inputs = dict(pixel_values=pixels["pixel_values"], target_sizes=pixels["target_sizes"], downsample_mode=mode)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, **inputs).logits[0].float().numpy()
+        expected_tokens = reference.generate(input_ids=ids, **inputs, max_new_tokens=32, do_sample=False)[0]
+    ours = np.zeros_like(expected)
+    model.reset()
+
+    def keep(start: int, rows: np.ndarray) -> None:
+        ours[start:start + len(rows)] = rows[:, : expected.shape[1]]
+
+    model.engine.feed(items, model.embeddings, on_logits=keep)
+    assert (ours.argmax(-1) == expected.argmax(-1)).all()
+    assert np.abs(ours - expected).max() < 0.01, float(np.abs(ours - expected).max())
+    tokens = [r.token for r in model.stream_generate(msgs, max_new_tokens=32, small_image_upsize=upsize)]
+    assert tokens == expected_tokens[ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize(("upsize", "size"), [("always", (700, 500)), ("never", (320, 180))])
+def test_logits_and_greedy_generation_match_transformers(upsize: str, size: tuple[int, int], checkpoint: Path,
+                                                         reference, runtime) -> None:  # noqa: ANN001
+    _logits_and_greedy(runtime("4x", "f32"), reference, checkpoint, "4x", upsize, random_image(size, 3))
+
+
+def _copy_with(checkpoint: Path, out: Path, preprocessor: dict | None = None) -> Path:
+    shutil.copytree(checkpoint, out, dirs_exist_ok=True)
+    if preprocessor:
+        path = out / "preprocessor_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **preprocessor}))
+    return out
+
+
+def test_upsize_default_comes_from_the_preprocessor_config(checkpoint: Path, tmp_path: Path) -> None:
+    folder = _copy_with(checkpoint, tmp_path / "never", {"small_image_upsize": "never"})
+    result = convert_checkpoint(folder, tmp_path / "out", "q8_0")
+    assert result.mmproj_path.name == "mmproj-never-F16.gguf"   # 4x, the checkpoint's default: the plain name
+    with load(result.llm_path, result.mmproj_path) as model:
+        assert model.settings.small_image_upsize == "never"
+        image = random_image((300, 200), 1)
+        default, _ = model.prepare([{"role": "user", "content": [image, QUESTION]}])
+        never, _ = model.prepare([{"role": "user", "content": [image, QUESTION]}], small_image_upsize="never")
+        always, _ = model.prepare([{"role": "user", "content": [image, QUESTION]}], small_image_upsize="always")
+        assert len(default) == len(never) < len(always)   # 308x196 native vs about 448^2
+
+
+def test_untied_output_is_converted(checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint with its own `lm_head.weight` (top level, outside the LLM prefix) becomes `output.weight`, and
+    the converted model answers as transformers does."""
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    model = transformers.MiniCPMOcrForConditionalGeneration.from_pretrained(checkpoint, config=config,
+                                                                          dtype=torch.float32)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.1)
+    folder = _copy_with(checkpoint, tmp_path / "untied")
+    model.save_pretrained(folder)
+    result = convert_checkpoint(folder, tmp_path / "out", "f32")
+    reader = GGUFReader(result.llm_path)
+    output = next(t for t in reader.tensors if t.name == "output.weight")
+    np.testing.assert_array_equal(np.asarray(output.data).reshape(model.lm_head.weight.shape),
+                                  model.lm_head.weight.detach().numpy())
+    with load(result.llm_path, result.mmproj_path) as ours:
+        _logits_and_greedy(ours, model.eval(), folder, "4x", "always", random_image((500, 300), 4))
+
+
+def test_registry_entry() -> None:
+    family = get(FAMILY)
+    assert family.small_image_upsize == ("always", "never", "adaptive")
+    assert family.layout.lm_head == "lm_head.weight" and family.projector == "minicpmv4_6"
