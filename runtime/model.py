@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import llama_cpp
+import numpy as np
 
 from minicpmv_edge.common.system import default_threads, peak_rss_mb
 
@@ -149,6 +150,18 @@ class Model:
     def reset(self) -> None:
         """Forget the conversation held in the KV cache (the next prompt is decoded from the start)."""
         self.engine.feed([], self.embeddings)
+
+    def prompt_logits(self, items: Sequence[PromptItem]) -> np.ndarray:
+        """[len(items), n_vocab] logits at every position of `items` (from `prepare`), decoded from an empty
+        cache: what parity checks and scoring need."""
+        self.reset()
+        logits = np.empty((len(items), llama_cpp.llama_vocab_n_tokens(self.engine.vocab)), dtype=np.float32)
+
+        def keep(start: int, rows: np.ndarray) -> None:
+            logits[start:start + len(rows)] = rows
+
+        self.engine.feed(list(items), self.embeddings, on_logits=keep)
+        return logits
 
     def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
                 enable_thinking: bool = False, max_slice_nums: int | None = None,

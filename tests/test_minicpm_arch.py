@@ -171,13 +171,7 @@ def test_image_prompt_through_runtime_matches_reference(checkpoint: Path, gguf_p
     try:
         items, _ = model.prepare(msgs)
         assert [item if isinstance(item, int) else unk_id for item in items] == ids
-        model.reset()
-        ours_logits = np.zeros((len(items), reference_logits.shape[1]), dtype=np.float32)
-
-        def keep(start: int, rows: np.ndarray) -> None:
-            ours_logits[start:start + len(rows)] = rows[:, : reference_logits.shape[1]]
-
-        model.engine.feed(items, model.embeddings, on_logits=keep)
+        ours_logits = model.prompt_logits(items)[:, : reference_logits.shape[1]]
         ours_tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=STEPS)]
         ours_ends = {token for token in {*ours_tokens, *end_ids(checkpoint)} if model.engine.is_end(token)}
     finally:

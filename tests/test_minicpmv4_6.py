@@ -155,13 +155,7 @@ def test_logits_and_greedy_generation_match_transformers(mode: str, checkpoint: 
         expected = reference(input_ids=ids, **inputs).logits[0].float().numpy()
         expected_tokens = reference.generate(input_ids=ids, **inputs, max_new_tokens=32, do_sample=False)[0]
 
-    ours = np.zeros_like(expected)
-    model.reset()
-
-    def keep(start: int, rows: np.ndarray) -> None:
-        ours[start:start + len(rows)] = rows[:, : expected.shape[1]]
-
-    model.engine.feed(items, model.embeddings, on_logits=keep)
+    ours = model.prompt_logits(items)[:, : expected.shape[1]]
     assert (ours.argmax(-1) == expected.argmax(-1)).all()
     assert np.abs(ours - expected).max() < 0.01
     tokens = [record.token for record in model.stream_generate(msgs, max_new_tokens=32)]
@@ -245,13 +239,7 @@ def test_int4_checkpoint_matches_transformers_on_its_dequantized_weights(method:
     result = convert_checkpoint(folder, tmp_path / "gguf", "f32")
     model = load(result.llm_path, result.mmproj_path)
     ids = model.engine.tokenize("<|im_start|>user\nRead the page aloud, line by line.<|im_end|>\n<|im_start|>assistant\n")
-    ours = np.zeros((len(ids), 0), dtype=np.float32)
-
-    def keep(start: int, rows: np.ndarray) -> None:
-        nonlocal ours
-        ours = rows if start == 0 else np.concatenate([ours, rows])
-
-    model.engine.feed(ids, {}, on_logits=keep)
+    ours = model.prompt_logits(ids)
     model.close()
 
     packed = open_checkpoint(folder)

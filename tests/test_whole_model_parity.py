@@ -67,13 +67,7 @@ def test_runtime_matches_torch_reference(family: str, chat: str, runtimes, tiny_
     model = runtimes(family)
     items, _ = model.prepare(msgs)
     assert [item if isinstance(item, int) else unk_id for item in items] == ids
-    model.reset()
-    ours_logits = np.zeros((len(items), reference_logits.shape[1]), dtype=np.float32)
-
-    def keep(start: int, rows: np.ndarray) -> None:
-        ours_logits[start:start + len(rows)] = rows[:, : reference_logits.shape[1]]
-
-    model.engine.feed(items, model.embeddings, on_logits=keep)
+    ours_logits = model.prompt_logits(items)[:, : reference_logits.shape[1]]
     assert np.abs(ours_logits - reference_logits).max() < LOGIT_TOLERANCE
     chosen = reference_logits[np.arange(len(items)), ours_logits.argmax(-1)]
     assert (chosen >= reference_logits.max(-1) - TIE).all()
