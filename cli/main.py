@@ -154,6 +154,9 @@ def ask(
     think: bool = typer.Option(False, "--think", help="Thinking mode (Qwen3-based families)"),
     max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", min=1, help="Slices per image "
                                                  "(default: the family's published setting)"),
+    small_image_upsize: Optional[str] = typer.Option(
+        None, "--small-image-upsize", help="How images and slices up to 448x448 are sized: always, never or adaptive "
+        "(MiniCPM-OCR; adaptive needs the ocr extra; default: the model's published setting)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
 ) -> None:
     """Ask one question about images; the answer streams to stdout."""
@@ -166,7 +169,8 @@ def ask(
     try:
         msgs = [{"role": "user", "content": [*image, question[0]]}]
         _stream(model.stream_generate(msgs, max_new_tokens=max_new_tokens, enable_thinking=think,
-                                      max_slice_nums=max_slice_nums, sampling=Sampling(temperature=temperature)),
+                                      max_slice_nums=max_slice_nums, sampling=Sampling(temperature=temperature),
+                                      small_image_upsize=small_image_upsize),
                 as_json)
     finally:
         model.close()

@@ -139,6 +139,9 @@ _QWEN3_TOKENS = (QWEN3_BASE + special(IMAGE_TAGS, IMAGE_ID_TAGS, UNIT_TAGS,
 
 # --- the families ------------------------------------------------------------------------------
 
+# The byte-level BPE releases ship these beside tokenizer.json (MiniCPM4 ships a sentencepiece model instead).
+BPE_TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json")
+
 # 2.5's processor writes no image ids and wraps the slices in <slice> ... </slice>, each in <image>.
 register(Family(
     "minicpm-llama3-v-2.5", "MiniCPM-Llama3-V 2.5", "MiniCPMV", "2.5", "llama", "llama-bpe", "resampler", 2,
@@ -195,7 +198,7 @@ register(Family(
         chat_template=QWEN2_TEMPLATE,
         tokenizer_config=_qwen_tok_config(32768),
         published_tokenizer_class="MiniCPMVTokenizerFast",
-        tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
+        tokenizer_files=BPE_TOKENIZER_FILES,
     ),
     reference=ReferenceHints("qwen2", "tgt", "2d", "hub MiniCPM-V-2_6 modeling_minicpmv.py"),
 ))
@@ -225,7 +228,7 @@ register(Family(
         chat_template=QWEN2_TEMPLATE,
         tokenizer_config=_qwen_tok_config(131072),
         published_tokenizer_class="MiniCPMOTokenizerFast",
-        tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
+        tokenizer_files=BPE_TOKENIZER_FILES,
         audio=True, tts_layout="chattts",
     ),
     reference=ReferenceHints("qwen2", "tgt", "2d", "hub MiniCPM-o-2_6 modeling_minicpmo.py"),
@@ -296,7 +299,7 @@ register(Family(
         chat_template=QWEN3_THINKING_TEMPLATE,
         tokenizer_config=_qwen_tok_config(131072),
         published_tokenizer_class="MiniCPMVTokenizerFast",
-        tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
+        tokenizer_files=BPE_TOKENIZER_FILES,
     ),
     reference=ReferenceHints("qwen3", "tgt", "3d", "hub MiniCPM-V-4_5 modeling_minicpmv.py + resampler.py"),
 ))
@@ -330,7 +333,7 @@ register(Family(
         chat_template=QWEN3_THINKING_TEMPLATE,
         tokenizer_config=_qwen_tok_config(131072),
         published_tokenizer_class="MiniCPMOTokenizerFast",
-        tokenizer_files=("vocab.json", "merges.txt", "added_tokens.json"),
+        tokenizer_files=BPE_TOKENIZER_FILES,
         audio=True, tts_layout="minicpmtts",
     ),
     reference=ReferenceHints("qwen3", "tgt", "2d", "OpenBMB/MiniCPM-o-Demo MiniCPMO45/modeling_minicpmo.py"),

@@ -169,7 +169,8 @@ class Model:
                 small_image_upsize: str | None = None) -> tuple[list[PromptItem], float]:
         """The prompt items of `msgs` (token ids, and (piece key, row) for image embeddings) laid out as the
         family's official processor does, and the time spent encoding new pieces in ms. `small_image_upsize`
-        (MiniCPM-OCR: "always" or "never") overrides the checkpoint's preprocessor setting."""
+        (MiniCPM-OCR: "always", "never" or "adaptive", which needs OpenCV) overrides the checkpoint's preprocessor
+        setting."""
         items, seconds = self.prompt.build(msgs, self.vision, system_prompt=system_prompt,
                                            enable_thinking=enable_thinking, max_slice_nums=max_slice_nums,
                                            use_image_id=use_image_id, small_image_upsize=small_image_upsize)

@@ -96,7 +96,7 @@ class PromptBuilder:
                 break
             image = images[index]
             try:
-                layout = vision.layout(image.size, slices, upsize)
+                layout = vision.layout(image.size, slices, upsize, image=image)
             except UnsupportedUpsize as e:
                 raise ChatInputError(str(e)) from None
             digest = image_digest(image)

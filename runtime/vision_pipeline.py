@@ -37,8 +37,10 @@ class VisionPipeline:
         if self.tower is not None:
             self.tower.close()
 
-    def layout(self, size: tuple[int, int], max_slice_nums: int, small_image_upsize: str = "always") -> SliceLayout:
-        return plan_slices(size, max_slice_nums, self.piece_align, small_image_upsize)
+    def layout(self, size: tuple[int, int], max_slice_nums: int, small_image_upsize: str = "always",
+               image: Image.Image | None = None) -> SliceLayout:
+        """The image's pieces; "adaptive" lays them out from `image`'s content."""
+        return plan_slices(size, max_slice_nums, self.piece_align, small_image_upsize, image)
 
     def embeddings(self, key: Hashable, piece: Callable[[], Image.Image]) -> tuple[np.ndarray, float]:
         """The piece's embeddings from memory, the disk cache or the vision tower (`piece()` cuts it only

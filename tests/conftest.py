@@ -96,6 +96,20 @@ def llamacpp_pair(workdir: Path, tiny_checkpoint: Callable[[str], Path]) -> Call
     return get
 
 
+@pytest.fixture(scope="module")
+def checkpoint(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path]) -> Path:
+    """The tiny checkpoint of the requesting test module's `FAMILY`."""
+    return tiny_checkpoint(request.module.FAMILY)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):  # noqa: ANN201 - a transformers PreTrainedModel
+    """transformers' own model of `checkpoint`, for the families transformers ships (4.6, MiniCPM-OCR)."""
+    from official import transformers_reference
+
+    return transformers_reference(checkpoint)
+
+
 @pytest.fixture(scope="session")
 def hf_tokenizer() -> Callable[[Path], object]:
     """transformers' tokenizer of a checkpoint folder. The published config.json names remote code and 4.0's

@@ -31,6 +31,23 @@ CHATS = {
 }
 
 
+def published_processor_class(processor_class: type) -> type:
+    """A published transformers processor unchanged but for its constructor's class check of the video
+    processor, which transformers resolves through a registry that needs torchvision (not installed here;
+    the tests use images only)."""
+    return type(f"Published{processor_class.__name__}", (processor_class,),
+                {"check_argument_for_proper_class": lambda self, argument_name, argument: None})
+
+
+def transformers_reference(folder: Path):  # noqa: ANN201 - a transformers PreTrainedModel
+    """transformers' own model class of a checkpoint (config.json's `architectures`), in float32, eval mode."""
+    import torch
+    import transformers
+
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
+
+
 def reference_geometry(size: tuple[int, int], max_slice_nums: int) -> tuple[tuple, tuple | None, tuple | None]:
     """(overview (w, h), grid (cols, rows), slice (w, h)) from transformers' implementation."""
     width, height = size

@@ -1,6 +1,6 @@
 """MiniCPM-OCR 1.0 end to end against transformers' own implementation (`transformers.models.minicpm_ocr`) on the
 same tiny synthetic weights: the converter (4x by default, tied and untied output), the published processor's
-token layout in `small_image_upsize` "always" and "never", and the model's numbers.
+token layout in `small_image_upsize` "always", "never" and "adaptive" (OpenCV), and the model's numbers.
 
 The published image processor (`MiniCPMOcrImageProcessor`) is torchvision-backed and torchvision is not
 installed: `PublishedImageProcessor` is that class unchanged but for its two torchvision calls, the resize (done
@@ -8,9 +8,11 @@ with PIL's bicubic, as the runtime and 4.6's PIL processor resize) and the norma
 
 Stated tolerances:
 - token layout: identical ids to the published `MiniCPMOcrProcessor` for five image shapes and four
-  `max_slice_nums` values, in both upsize modes and both downsample modes;
+  `max_slice_nums` values, in both upsize modes and both downsample modes; in "adaptive", for drawn pages that
+  hit each of its branches (dense small text upsized, a tiny image, large text kept native, slices re-cut
+  from the original at unequal sizes, resized or not) and the random images, both downsample modes;
 - image features: per-token cosine >= 0.999 between clip.cpp (F16 mmproj) and the transformers model's vision
-  path for every piece (measured: >= 0.99999);
+  path for every piece (measured: >= 0.99999), "adaptive" included (the unequally sliced pages, 4x);
 - logits of an image + text prompt (F32 GGUF): the same argmax at every position and |difference| < 0.01;
   greedy generation: the same 32 tokens.
 """
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import random_image
-from PIL import Image
+from official import published_processor_class, random_image
+from PIL import Image, ImageDraw
 
 from minicpmv_edge.convert import convert_checkpoint
 from minicpmv_edge.families import get
@@ -75,8 +78,8 @@ class CountingVision:
     def __init__(self, vision) -> None:  # noqa: ANN001
         self.vision = vision
 
-    def layout(self, size, max_slice_nums, small_image_upsize="always"):  # noqa: ANN001, ANN201
-        return self.vision.layout(size, max_slice_nums, small_image_upsize)
+    def layout(self, size, max_slice_nums, small_image_upsize="always", image=None):  # noqa: ANN001, ANN201
+        return self.vision.layout(size, max_slice_nums, small_image_upsize, image=image)
 
     def embeddings(self, key, piece):  # noqa: ANN001, ANN201
         image = piece()
@@ -87,22 +90,7 @@ class CountingVision:
         pass
 
 
-class PublishedProcessor(MiniCPMOcrProcessor):
-    """The published processor unchanged, but for the constructor's class checks (torchvision registry)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):  # noqa: ANN001, ANN201
-        return None
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint) -> Path:  # noqa: ANN001
-    return tiny_checkpoint(FAMILY)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint: Path):  # noqa: ANN201
-    model = transformers.MiniCPMOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    return model.eval()
+PublishedProcessor = published_processor_class(MiniCPMOcrProcessor)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +119,29 @@ def processor(checkpoint: Path, mode: str, upsize: str) -> PublishedProcessor:
     images = LayoutOnlyImageProcessor.from_pretrained(checkpoint, downsample_mode=mode, small_image_upsize=upsize)
     return PublishedProcessor(image_processor=images,
                               video_processor=MiniCPMOcrVideoProcessor(), tokenizer=tokenizer)
+
+
+def page(size: tuple[int, int], *blocks: tuple[tuple[int, int, int, int], int, int]) -> Image.Image:
+    """A white page with black glyph-like boxes: per block, a region (left, top, right, bottom) filled with
+    boxes `height` x `width` px on a grid of pitch (1.8 x width, 1.6 x height)."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for (left, top, right, bottom), height, width in blocks:
+        for y in range(top, bottom - height, int(height * 1.6)):
+            for x in range(left, right - width, int(width * 1.8)):
+                draw.rectangle((x, y, x + width - 1, y + height - 1), fill="black")
+    return image
+
+
+# Each hits a branch of the published adaptive mode (checked on the runtime's layout in the layout test).
+ADAPTIVE_PAGES = {
+    "dense small text": page((300, 200), ((5, 5, 295, 195), 8, 5)),            # unsliced, upsized to ~448^2
+    "tiny": page((60, 40), ((20, 8, 40, 38), 20, 12)),                        # < 6272 px: towards 84^2
+    "large text": page((400, 300), ((10, 10, 390, 290), 30, 18)),             # unsliced, kept native
+    "unequal": page((1000, 330), ((0, 0, 500, 330), 8, 5)),                   # 3x1, cells 333/334 px wide
+    "aligned": page((1008, 336), ((0, 0, 336, 336), 8, 5), ((340, 0, 670, 336), 40, 24)),  # 336 px cells
+    "big": page((1500, 1300), ((0, 0, 1500, 1300), 40, 24)),                  # 3x3, cells above 448^2
+}
 
 
 def image_ids(items: list, image_token_id: int) -> list[int]:
@@ -169,26 +180,90 @@ def test_layout_matches_published_processor(mode: str, upsize: str, checkpoint: 
                 (name, max_slice_nums)
 
 
-def test_unsupported_upsize_is_one_clear_error(runtime) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("mode", ["4x", "16x"])
+def test_adaptive_layout_matches_published_processor(mode: str, checkpoint: Path, runtime) -> None:  # noqa: ANN001
+    from minicpmv_edge.runtime.slicing import SCALE_RESOLUTION, TINY_RESOLUTION
+
+    model = runtime(mode, "f16")
+    vision = CountingVision(model.vision)
+    align = model.vision.piece_align
+    published = processor(checkpoint, mode, "adaptive")
+    tokenizer = published.tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
+                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    layouts = {name: vision.layout(image.size, 9, "adaptive", image=image) for name, image in ADAPTIVE_PAGES.items()}
+    # The branches are hit: upsized, tiny, native, re-cut slices of unequal sizes, and none re-cut.
+    area = {name: layout.overview[0] * layout.overview[1] for name, layout in layouts.items()}
+    assert area["dense small text"] > 0.8 * SCALE_RESOLUTION ** 2
+    assert area["tiny"] <= (TINY_RESOLUTION + align) ** 2
+    assert layouts["large text"].overview == (round(400 / align) * align, round(300 / align) * align)
+    for name in ("unequal", "aligned"):
+        recut = layouts[name].recut
+        assert recut and None in recut and any(recut), name
+        assert len(set(layouts[name].slice_sizes)) > 1, name
+    assert layouts["aligned"].recut[1] is not None and layouts["aligned"].recut[1].size == (336, 336)
+    assert layouts["big"].grid == (3, 3) and layouts["big"].recut == ()
+    cases = [(name, image, slices) for name, image in ADAPTIVE_PAGES.items() for slices in (1, 9)]
+    cases += [(name, random_image(size, 1), 9) for name, size in SIZES.items()]
+    for name, image, max_slice_nums in cases:
+        items, _ = model.prompt.build([{"role": "user", "content": [image, QUESTION]}], vision,
+                                      max_slice_nums=max_slice_nums, small_image_upsize="adaptive")
+        expected = published(text=[prompt], images=[image], max_slice_nums=max_slice_nums, return_tensors="np")
+        assert image_ids(items, tokenizer.image_token_id) == expected["input_ids"][0].tolist(), (name, max_slice_nums)
+
+
+def test_adaptive_without_opencv_is_one_line(runtime, monkeypatch) -> None:  # noqa: ANN001
+    from minicpmv_edge.runtime.slicing import MISSING_OPENCV
+
+    model = runtime("4x", "f16")
+    monkeypatch.setitem(sys.modules, "cv2", None)   # `import cv2` raises ImportError
+    msgs = [{"role": "user", "content": [ADAPTIVE_PAGES["large text"], QUESTION]}]
+    with pytest.raises(ChatInputError) as raised:
+        model.prepare(msgs, small_image_upsize="adaptive")
+    assert str(raised.value) == MISSING_OPENCV == \
+        "small_image_upsize 'adaptive' needs OpenCV: pip install 'minicpmv-edge[ocr]'"
+    model.prepare(msgs, small_image_upsize="never")   # the other modes do not need it
+
+
+def test_cli_ask_takes_small_image_upsize(runtime, monkeypatch, tmp_path: Path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from minicpmv_edge.cli.main import app
+
+    result = runtime("4x", "f16").conversion
+    image = tmp_path / "page.png"
+    ADAPTIVE_PAGES["large text"].save(image)
+    args = ["ask", str(result.llm_path), str(result.mmproj_path), QUESTION, "-i", str(image), "-n", "2", "-t", "1"]
+    assert CliRunner().invoke(app, [*args, "--small-image-upsize", "adaptive"]).exit_code == 0
+    bad = CliRunner().invoke(app, [*args, "--small-image-upsize", "sometimes"])
+    assert bad.exit_code == 1 and "none of MiniCPM-OCR 1.0's modes" in bad.stderr
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    missing = CliRunner().invoke(app, [*args, "--small-image-upsize", "adaptive"])
+    assert missing.exit_code == 1
+    assert missing.stderr == "error: small_image_upsize 'adaptive' needs OpenCV: pip install 'minicpmv-edge[ocr]'\n"
+
+
+def test_unknown_upsize_is_one_clear_error(runtime) -> None:  # noqa: ANN001
     model = runtime("4x", "f16")
     msgs = [{"role": "user", "content": [random_image((100, 80), 1), QUESTION]}]
-    with pytest.raises(ChatInputError, match="'adaptive' is not supported by this runtime"):
-        model.prepare(msgs, small_image_upsize="adaptive")
     with pytest.raises(ChatInputError, match="none of MiniCPM-OCR 1.0's modes"):
         model.prepare(msgs, small_image_upsize="sometimes")
 
 
-@pytest.mark.parametrize(("mode", "upsize"), [("4x", "always"), ("4x", "never"), ("16x", "never")])
+@pytest.mark.parametrize(("mode", "upsize"), [("4x", "always"), ("4x", "never"), ("16x", "never"),
+                                           ("4x", "adaptive")])
 def test_image_features_match_transformers(mode: str, upsize: str, checkpoint: Path, reference,  # noqa: ANN001
                                            runtime) -> None:  # noqa: ANN001
     from minicpmv_edge.runtime.slicing import cut, plan_slices
 
     model = runtime(mode, "f16")
     images = images_processor(checkpoint, mode, upsize)
-    for name, size in SIZES.items():
-        image = random_image(size, 2)
+    cases = {name: random_image(size, 2) for name, size in SIZES.items()}
+    if upsize == "adaptive":   # pages sliced unequally: re-cut cells resized and kept as they are
+        cases = {name: ADAPTIVE_PAGES[name] for name in ("unequal", "aligned")}
+    for name, image in cases.items():
         pixels = images(image, return_tensors="pt")
-        pieces = cut(image, plan_slices(image.size, 9, model.vision.piece_align, upsize))
+        pieces = cut(image, plan_slices(image.size, 9, model.vision.piece_align, upsize, image))
         assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), name
         with torch.no_grad():
             expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import random_image
+from official import published_processor_class, random_image
 from test_convert import assert_clean_failure, broken_copy, edit_config, run_cli
 
 from minicpmv_edge.convert import convert_checkpoint
@@ -38,23 +38,7 @@ SIZES = {"small": (300, 200), "wide": (1200, 400), "tall": (400, 1100), "large":
 QUESTION = "Describe the picture."
 
 
-class PublishedProcessor(MiniCPMV4_6Processor):
-    """The published processor unchanged, but for the constructor's class check of its video processor, which
-    transformers resolves through a registry that needs torchvision (not installed; images only here)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):  # noqa: ANN001, ANN201
-        return None
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint) -> Path:  # noqa: ANN001
-    return tiny_checkpoint(FAMILY)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint: Path):  # noqa: ANN201
-    model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    return model.eval()
+PublishedProcessor = published_processor_class(MiniCPMV4_6Processor)
 
 
 @pytest.fixture(scope="module")
