@@ -48,6 +48,34 @@ def transformers_reference(folder: Path):  # noqa: ANN201 - a transformers PreTr
     return getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def image_ids(items: list, image_token_id: int) -> list[int]:
+    """The runtime's prompt items with each image-embedding row shown as the processor's image placeholder."""
+    return [item if isinstance(item, int) else image_token_id for item in items]
+
+
+def one_image_prompt(tokenizer: Any, question: str) -> str:
+    """The chat template around one image placeholder and `question`, as a transformers processor expects."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{question}"}],
+                                         tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def assert_piece_features_match(encode: Callable[[Image.Image], np.ndarray], reference: Any, pixels: Any,
+                                 pieces: list[Image.Image], mode: str, case: str) -> None:
+    """Our vision tower's embeddings of `pieces` (`encode`) against transformers' `get_image_features` of the
+    published processor's `pixels`: the same piece sizes, and per-token cosine >= 0.999."""
+    import torch
+
+    assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), case
+    with torch.no_grad():
+        expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
+                                                      downsample_mode=mode).pooler_output
+    for piece, want in zip(pieces, expected):
+        ours, want = encode(piece), want.float().numpy()
+        assert ours.shape == want.shape, case
+        cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cosine.min() >= 0.999, (case, float(cosine.min()))
+
+
 def reference_geometry(size: tuple[int, int], max_slice_nums: int) -> tuple[tuple, tuple | None, tuple | None]:
     """(overview (w, h), grid (cols, rows), slice (w, h)) from transformers' implementation."""
     width, height = size

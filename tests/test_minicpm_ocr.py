@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import published_processor_class, random_image
+from official import (assert_piece_features_match, image_ids, one_image_prompt, published_processor_class,
+                      random_image)
 from PIL import Image, ImageDraw
 
 from minicpmv_edge.convert import convert_checkpoint
@@ -144,10 +145,6 @@ ADAPTIVE_PAGES = {
 }
 
 
-def image_ids(items: list, image_token_id: int) -> list[int]:
-    return [item if isinstance(item, int) else image_token_id for item in items]
-
-
 def test_family_is_detected_and_converted_with_its_defaults(checkpoint: Path, runtime) -> None:  # noqa: ANN001
     model = runtime(None, "f16")   # no --downsample-mode: the preprocessor config's 4x
     assert model.family == FAMILY and model.settings.from_file
@@ -168,8 +165,7 @@ def test_layout_matches_published_processor(mode: str, upsize: str, checkpoint: 
     vision = CountingVision(model.vision)
     published = processor(checkpoint, mode, upsize)
     tokenizer = published.tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
-                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    prompt = one_image_prompt(tokenizer, QUESTION)
     for name, size in SIZES.items():
         image = random_image(size, 1)
         for max_slice_nums in (1, 4, 9, 16):
@@ -189,8 +185,7 @@ def test_adaptive_layout_matches_published_processor(mode: str, checkpoint: Path
     align = model.vision.piece_align
     published = processor(checkpoint, mode, "adaptive")
     tokenizer = published.tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
-                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    prompt = one_image_prompt(tokenizer, QUESTION)
     layouts = {name: vision.layout(image.size, 9, "adaptive", image=image) for name, image in ADAPTIVE_PAGES.items()}
     # The branches are hit: upsized, tiny, native, re-cut slices of unequal sizes, and none re-cut.
     area = {name: layout.overview[0] * layout.overview[1] for name, layout in layouts.items()}
@@ -264,15 +259,7 @@ def test_image_features_match_transformers(mode: str, upsize: str, checkpoint: P
     for name, image in cases.items():
         pixels = images(image, return_tensors="pt")
         pieces = cut(image, plan_slices(image.size, 9, model.vision.piece_align, upsize, image))
-        assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), name
-        with torch.no_grad():
-            expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
-                                                          downsample_mode=mode).pooler_output
-        for piece, want in zip(pieces, expected):
-            ours, want = model.vision.encoder.encode(piece), want.float().numpy()
-            assert ours.shape == want.shape, name
-            cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
-            assert cosine.min() >= 0.999, (name, float(cosine.min()))
+        assert_piece_features_match(model.vision.encoder.encode, reference, pixels, pieces, mode, name)
 
 
 def _logits_and_greedy(model, reference, checkpoint: Path, mode: str, upsize: str,  # noqa: ANN001

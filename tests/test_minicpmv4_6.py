@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import published_processor_class, random_image
+from official import (assert_piece_features_match, image_ids, one_image_prompt, published_processor_class,
+                      random_image)
 from test_convert import assert_clean_failure, broken_copy, edit_config, run_cli
 
 from minicpmv_edge.convert import convert_checkpoint
@@ -75,11 +76,6 @@ def processor(checkpoint: Path, mode: str) -> PublishedProcessor:
     return PublishedProcessor(image_processor=images, video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tokenizer)
 
 
-def image_ids(items: list, image_token_id: int) -> list[int]:
-    """The runtime's prompt with each image-embedding row shown as the image placeholder token."""
-    return [item if isinstance(item, int) else image_token_id for item in items]
-
-
 @pytest.fixture(scope="module")
 def llamacpp_runtime(llamacpp_pair):  # noqa: ANN001, ANN201
     """The pair llama.cpp's own `convert_hf_to_gguf.py` (and `--mmproj`, 16x) makes of the same checkpoint."""
@@ -94,8 +90,7 @@ def test_layout_matches_published_processor(mode: str, source: str, checkpoint: 
     model = runtime(mode, "f16") if source == "ours" else request.getfixturevalue("llamacpp_runtime")
     published = processor(checkpoint, mode)
     tokenizer = published.tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{tokenizer.image_token}\n{QUESTION}"}],
-                                           tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    prompt = one_image_prompt(tokenizer, QUESTION)
     for name, size in SIZES.items():
         image = random_image(size, 1)
         for max_slice_nums in (1, 4, 9, 16):
@@ -114,15 +109,7 @@ def test_image_features_match_transformers(mode: str, checkpoint: Path, referenc
         image = random_image(size, 2)
         pixels = images(image, return_tensors="pt")
         pieces = cut(image, plan_slices(image.size, 9, model.vision.piece_align))
-        assert [[p.height // 14, p.width // 14] for p in pieces] == pixels["target_sizes"].tolist(), name
-        with torch.no_grad():
-            expected = reference.model.get_image_features(pixels["pixel_values"], pixels["target_sizes"],
-                                                          downsample_mode=mode).pooler_output
-        for piece, want in zip(pieces, expected):
-            ours, want = model.vision.encoder.encode(piece), want.float().numpy()
-            assert ours.shape == want.shape, name
-            cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
-            assert cosine.min() >= 0.999, (name, float(cosine.min()))
+        assert_piece_features_match(model.vision.encoder.encode, reference, pixels, pieces, mode, name)
 
 
 @pytest.mark.parametrize("mode", MODES)
