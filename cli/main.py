@@ -20,6 +20,9 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
 # -t / --threads means the same in every command that runs llama.cpp or the quantizer.
 _THREADS = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: every core this process may use)")
+_SMALL_IMAGE_UPSIZE = typer.Option(
+    None, "--small-image-upsize", help="How images and slices up to 448x448 are sized: always, never or adaptive "
+    "(MiniCPM-OCR; adaptive needs the ocr extra; default: the model's published setting)")
 
 
 @app.callback()
@@ -154,9 +157,7 @@ def ask(
     think: bool = typer.Option(False, "--think", help="Thinking mode (Qwen3-based families)"),
     max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", min=1, help="Slices per image "
                                                  "(default: the family's published setting)"),
-    small_image_upsize: Optional[str] = typer.Option(
-        None, "--small-image-upsize", help="How images and slices up to 448x448 are sized: always, never or adaptive "
-        "(MiniCPM-OCR; adaptive needs the ocr extra; default: the model's published setting)"),
+    small_image_upsize: Optional[str] = _SMALL_IMAGE_UPSIZE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
 ) -> None:
     """Ask one question about images; the answer streams to stdout."""
@@ -253,6 +254,7 @@ def ocr(
     dpi: int = typer.Option(150, "--dpi", min=1, help="PDF rendering resolution"),
     max_slice_nums: Optional[int] = typer.Option(None, "--max-slice-nums", min=1,
                                                  help="Slices per page (dense pages: more)"),
+    small_image_upsize: Optional[str] = _SMALL_IMAGE_UPSIZE,
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", "-n", min=1),
     threads: Optional[int] = _THREADS,
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Process pages that failed before again"),
@@ -293,7 +295,7 @@ def ocr(
         summary = run_batch(
             model_args, inputs, output,
             OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
-                       dpi=dpi),
+                       dpi=dpi, small_image_upsize=small_image_upsize),
             include=include, exclude=exclude, pages=pages, retry_failed=retry_failed, text_dir=text_dir,
             embedding_cache=cache_dir, embedding_cache_bytes=int(cache_gb * 2**30),
             embedding_memory_bytes=memory_mb << 20, n_threads=threads,

@@ -214,13 +214,15 @@ class Model:
              sampling: bool = True, max_inp_length: int | None = None, system_prompt: str = "",
              stream: bool = False, max_slice_nums: int | None = None, use_image_id: bool | None = None,
              temporal_ids: Any = None, enable_thinking: bool = False, seed: int = 0,
+             small_image_upsize: str | None = None,
              **generation: Any) -> ChatAnswer | list[ChatAnswer] | Iterator[str]:
         """The published `chat()`: the same arguments, the same answer types. Returns the answer as a `str`
         (`ChatAnswer`, with `.reasoning` and `.timings`), a list of them for a batch of conversations, or with
         `stream=True` an iterator of text pieces.
 
         `tokenizer`, `processor` and `max_inp_length` are accepted and unused: the GGUF carries the tokenizer
-        and the chat template, and the context bounds the prompt. `sampling=True` (the published default)
+        and the chat template, and the context bounds the prompt. `small_image_upsize` (MiniCPM-OCR's processor
+        option: always, never, adaptive) overrides the checkpoint's setting. `sampling=True` (the published default)
         samples with the published settings, which `temperature`, `top_p`, `top_k` and `repetition_penalty`
         override; `sampling=False` decodes greedily (the published code runs a 3-beam search)."""
         if not _is_messages(msgs) and _is_messages(image):  # the published positional order is (image, msgs)
@@ -245,7 +247,8 @@ class Model:
                 raise ChatInputError("a batch of conversations takes its images inside msgs and cannot stream")
             return [self.chat(one, max_new_tokens=max_new_tokens, sampling=sampling, system_prompt=system_prompt,
                               max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                              enable_thinking=enable_thinking, seed=seed, **generation) for one in msgs]
+                              enable_thinking=enable_thinking, seed=seed,
+                              small_image_upsize=small_image_upsize, **generation) for one in msgs]
         msgs = [dict(message) if isinstance(message, dict) else message for message in msgs]
         if image is not None and isinstance(msgs[0], dict) and isinstance(msgs[0].get("content"), str):
             msgs[0]["content"] = [image, msgs[0]["content"]]
@@ -257,7 +260,8 @@ class Model:
             chosen = Sampling(0.0, repetition_penalty=float(generation.get("repetition_penalty", 1.0)), seed=seed)
         records = self.stream_generate(msgs, max_new_tokens=max_new_tokens, sampling=chosen,
                                        system_prompt=system_prompt or None, enable_thinking=enable_thinking,
-                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id)
+                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                       small_image_upsize=small_image_upsize)
         if stream:
             return (record.text for record in records)
         pieces, last = [], None

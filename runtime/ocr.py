@@ -65,6 +65,7 @@ class OcrOptions:
     max_new_tokens: int = 1024
     max_slice_nums: int | None = None
     dpi: int = 150
+    small_image_upsize: str | None = None  # MiniCPM-OCR's sizing of small images and slices; None: the model's
 
     @property
     def question(self) -> str:
@@ -147,8 +148,10 @@ def _render(ref: PageRef, dpi: int) -> Image.Image:
 
 
 def job_key(content_hash: str, model_id: str, options: OcrOptions) -> str:
+    # The sizing mode joins the identity only when given, so jobs started before it existed resume as they were.
     identity = json.dumps([content_hash, model_id, options.question, options.max_new_tokens,
-                           options.max_slice_nums, options.dpi])
+                           options.max_slice_nums, options.dpi]
+                          + ([options.small_image_upsize] if options.small_image_upsize else []))
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -177,12 +180,14 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
         record = {"key": key, "source": ref.source, "page": ref.page, "content_hash": content_hash,
                   "model": model_id, "mode": options.mode,
                   "prompt": options.question, "max_slice_nums": options.max_slice_nums or model.max_slice_nums,
-                  "dpi": options.dpi if ref.is_pdf else None}
+                  "dpi": options.dpi if ref.is_pdf else None,
+                  "small_image_upsize": options.small_image_upsize or model.settings.small_image_upsize}
         started = time.perf_counter()
         try:
             image = _render(ref, options.dpi)
             answer = model.chat([{"role": "user", "content": [image, options.question]}], sampling=False,
-                                max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums)
+                                max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums,
+                                small_image_upsize=options.small_image_upsize)
             record.update(text=answer.text, timings=answer.timings, error=None)
             status = "done"
         except (ImageInputError, EngineError, VisionError, OSError) as e:

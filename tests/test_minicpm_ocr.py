@@ -337,3 +337,21 @@ def test_registry_entry() -> None:
     family = get(FAMILY)
     assert family.small_image_upsize == ("always", "never", "adaptive")
     assert family.layout.lm_head == "lm_head.weight" and family.projector == "minicpmv4_6"
+
+
+def test_batch_ocr_takes_the_sizing_mode_and_keeps_modes_apart(runtime, tmp_path: Path) -> None:  # noqa: ANN001
+    from minicpmv_edge.runtime.ocr import OcrOptions, job_key, run_batch
+
+    model = runtime("4x", "f16")
+    page = tmp_path / "small.png"
+    random_image((200, 120), 4).save(page)
+    output = tmp_path / "pages.jsonl"
+    for upsize in (None, "never", "always"):
+        summary = run_batch(model, [str(page)], output, OcrOptions(max_new_tokens=2, small_image_upsize=upsize))
+        assert summary.done == 1  # a mode named or not is a job of its own, never served from another's pages
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["small_image_upsize"] for r in records] == ["always", "never", "always"]
+    assert len({r["key"] for r in records}) == 3
+    # Jobs started before the option existed keep their keys.
+    assert job_key("h", "m", OcrOptions()) == job_key("h", "m", OcrOptions(small_image_upsize=None))
+    assert run_batch(model, [str(page)], output, OcrOptions(max_new_tokens=2, small_image_upsize="never")).skipped == 1
