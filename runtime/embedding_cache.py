@@ -34,9 +34,6 @@ class EmbeddingMemory:
         self._entries: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self.nbytes = 0
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
     def __getitem__(self, key: Hashable) -> np.ndarray:
         return self._entries[key]
 

@@ -15,9 +15,10 @@ import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from minicpmv_edge.common.files import atomic_write
 
@@ -75,16 +76,22 @@ class JobStore:
         except sqlite3.Error as e:
             raise JobStoreError(f"cannot open the job store {database}: {e}") from None
 
+    @contextmanager
+    def _on_jsonl(self, doing: str) -> Iterator[None]:
+        """The JSONL's I/O errors as one-line JobStoreErrors ("cannot <doing> the JSONL output ...")."""
+        try:
+            yield
+        except OSError as e:
+            raise JobStoreError(f"cannot {doing} the JSONL output {self.jsonl}: {e.strerror or e}") from None
+
     def _check_writable(self) -> None:
         if self.jsonl.is_dir():
             raise JobStoreError(f"the JSONL output {self.jsonl} is a folder, not a file")
-        try:
+        with self._on_jsonl("write"):
             if self.jsonl.exists():
                 open(self.jsonl, "r+b").close()  # writable, and left as it is
             elif not os.access(self.jsonl.parent, os.W_OK):
                 raise PermissionError(13, "Permission denied")
-        except OSError as e:
-            raise JobStoreError(f"cannot write the JSONL output {self.jsonl}: {e.strerror or e}") from None
 
     def close(self) -> None:
         self.db.close()
@@ -101,12 +108,11 @@ class JobStore:
         """The JSONL's lines (each with its newline, if it has one), and whether a half-written last line
         was cut: an unterminated tail that is the start of one of the store's records (the store commits
         before the append, so a kill during an append leaves exactly that). Any other tail is the user's."""
-        try:
-            data = self.jsonl.read_bytes()
-        except FileNotFoundError:
-            return [], False
-        except OSError as e:
-            raise JobStoreError(f"cannot read the JSONL output {self.jsonl}: {e.strerror or e}") from None
+        with self._on_jsonl("read"):
+            try:
+                data = self.jsonl.read_bytes()
+            except FileNotFoundError:
+                return [], False
         lines = [line + b"\n" for line in data.split(b"\n")]
         lines[-1] = lines[-1][:-1]  # the part after the last newline: b"" or an unterminated tail
         tail = lines.pop()
@@ -170,28 +176,20 @@ class JobStore:
             self.db.execute("COMMIT")
 
     def _write(self, data: bytes, mode: str) -> None:
-        try:
-            with open(self.jsonl, mode) as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise JobStoreError(f"cannot write the JSONL output {self.jsonl}: {e.strerror or e}") from None
+        with self._on_jsonl("write"), open(self.jsonl, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     def _truncate(self, size: int) -> None:
-        try:
-            with open(self.jsonl, "r+b") as f:
-                f.truncate(size)
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise JobStoreError(f"cannot write the JSONL output {self.jsonl}: {e.strerror or e}") from None
+        with self._on_jsonl("write"), open(self.jsonl, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
 
     def _replace_with(self, data: bytes) -> None:
         """Rewrite the JSONL atomically: a reader or a kill sees the old file or the new one, never half."""
-        try:
+        with self._on_jsonl("replace"):
             atomic_write(self.jsonl, data)
-        except OSError as e:
-            raise JobStoreError(f"cannot replace the JSONL output {self.jsonl}: {e.strerror or e}") from None
 
     def _append(self, line: str) -> None:
         self._write(line.encode() + b"\n", "ab")

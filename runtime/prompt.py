@@ -101,7 +101,7 @@ class PromptBuilder:
                 raise ChatInputError(str(e)) from None
             digest = image_digest(image)
             pieces: list[Image.Image] = []
-            for part in layout_parts(layout, self.settings.family.frame, index if with_ids else None):
+            for part in layout_parts(layout, family.frame, index if with_ids else None):
                 if isinstance(part, str):
                     items.extend(self.tokenize(part))
                     continue

@@ -20,12 +20,15 @@ from .vision import VisionTower
 class VisionPipeline:
     def __init__(self, mmproj_path: Path, projector: dict[str, Any], llama_model: ctypes.c_void_p, n_embd: int,
                  n_threads: int, memory_bytes: int = DEFAULT_MEMORY_BYTES):
-        self.tower: VisionTower | None = None
         self.tower = VisionTower(mmproj_path, llama_model, n_threads)
         patch_size = int(projector.get("clip.vision.patch_size", 14))
-        self.encoder = PieceEncoder(self.tower.context, n_embd, n_threads,
-                                    tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
-                                    tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))), patch_size)
+        try:
+            self.encoder = PieceEncoder(self.tower.context, n_embd, n_threads,
+                                        tuple(projector.get("clip.vision.image_mean", (0.5, 0.5, 0.5))),
+                                        tuple(projector.get("clip.vision.image_std", (0.5, 0.5, 0.5))), patch_size)
+        except BaseException:
+            self.tower.close()  # the Model never holds a half-built pipeline, so it cannot close this one
+            raise
         # MiniCPM-V 4.6's merger folds merge x merge patches into one token, so pieces align to that.
         merge = int(projector.get("clip.vision.projector.scale_factor", 1)) \
             if projector.get("clip.projector_type") == "minicpmv4_6" else 1
@@ -34,8 +37,7 @@ class VisionPipeline:
         self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
 
     def close(self) -> None:
-        if self.tower is not None:
-            self.tower.close()
+        self.tower.close()
 
     def layout(self, size: tuple[int, int], max_slice_nums: int, small_image_upsize: str = "always",
                image: Image.Image | None = None) -> SliceLayout:
