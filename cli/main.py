@@ -36,12 +36,13 @@ def one_line_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         from minicpmv_edge.convert import ConversionError
-        from minicpmv_edge.runtime import ChatInputError, EngineError, ImageInputError, VisionError
+        from minicpmv_edge.runtime import ChatInputError, EngineError, ImageInputError, VideoInputError, VisionError
         from minicpmv_edge.runtime.ocr import OcrInputError
 
         try:
             return command(*args, **kwargs)
-        except (ConversionError, EngineError, VisionError, ImageInputError, OcrInputError, ChatInputError) as e:
+        except (ConversionError, EngineError, VisionError, ImageInputError, OcrInputError, ChatInputError,
+                VideoInputError) as e:
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -151,6 +152,11 @@ def ask(
     args: list[str] = typer.Argument(..., metavar="MODEL QUESTION",
                                      help="MODEL (folder, or model GGUF + mmproj GGUF) then the question"),
     image: list[Path] = typer.Option([], "--image", "-i", help="An image (repeat for several)"),
+    video: Optional[Path] = typer.Option(None, "--video", help="A video (needs the video extra: PyAV)"),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.01, help="Video frames sampled per second "
+                                        "(MiniCPM-V 4.5 / o-4.5; default 5, the model card's)"),
+    packing: Optional[int] = typer.Option(None, "--packing", min=1, max=6, help="Video frames per 64-token "
+                                          "block (MiniCPM-V 4.5 / o-4.5; default: as the model card decides)"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 for greedy decoding"),
     threads: Optional[int] = _THREADS,
@@ -160,15 +166,18 @@ def ask(
     small_image_upsize: Optional[str] = _SMALL_IMAGE_UPSIZE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with answer and timings"),
 ) -> None:
-    """Ask one question about images; the answer streams to stdout."""
-    from minicpmv_edge.runtime import Sampling
+    """Ask one question about images or a video; the answer streams to stdout."""
+    from minicpmv_edge.runtime import Sampling, Video
 
     model_args, question = _model_and_rest(args, "one question")
     if len(question) != 1:
         raise typer.BadParameter("one question after MODEL (quote it)", param_hint="MODEL QUESTION")
+    if video is None and (fps is not None or packing is not None):
+        raise typer.BadParameter("--fps and --packing go with --video", param_hint="--fps/--packing")
+    clip = [Video(video, fps=fps, packing=packing)] if video is not None else []
     model = _load(model_args, n_threads=threads)
     try:
-        msgs = [{"role": "user", "content": [*image, question[0]]}]
+        msgs = [{"role": "user", "content": [*image, *clip, question[0]]}]
         _stream(model.stream_generate(msgs, max_new_tokens=max_new_tokens, enable_thinking=think,
                                       max_slice_nums=max_slice_nums, sampling=Sampling(temperature=temperature),
                                       small_image_upsize=small_image_upsize),
@@ -231,6 +240,55 @@ def chat(
         model.close()
 
 
+@app.command()
+@one_line_errors
+def serve(
+    model_paths: list[str] = typer.Argument(..., metavar="MODEL"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 opens it to the network)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MINICPMV_API_KEY",
+                                          help="Require Authorization: Bearer KEY on /v1/*"),
+    threads: Optional[int] = _THREADS,
+    parallel: int = typer.Option(2, "--parallel", min=1, help="Requests generated together (each holds "
+                                 "--context positions of KV cache)"),
+    context: int = typer.Option(4096, "--context", min=16, help="Prompt + max_tokens limit per request "
+                                "(capped by the model's training context)"),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests that may wait; beyond them 503"),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Request body limit (413 beyond)"),
+    max_image_mp: float = typer.Option(20.0, "--max-image-megapixels", min=0.001, help="Pixels per image limit"),
+    default_max_tokens: int = typer.Option(1024, "--default-max-tokens", min=1,
+                                           help="max_tokens of requests that name none"),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
+                                             help="Let image_url be http(s) URLs, fetched by the server"),
+    local_images: Optional[Path] = typer.Option(None, "--local-images", file_okay=False, exists=True,
+                                                help="Let image_url be file paths inside this folder"),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="The name /v1/models reports"),
+) -> None:
+    """An OpenAI-compatible server: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health."""
+    try:
+        from minicpmv_edge.server import ServerSettings, serve as run_server
+    except ImportError as e:
+        print(f"error: minicpmv serve needs the server extra: pip install 'minicpmv-edge[server]' ({e})",
+              file=sys.stderr)
+        raise typer.Exit(1) from None
+
+    model_args, extra = _model_and_rest(model_paths, "nothing else")
+    if extra:
+        raise typer.BadParameter(f"nothing follows MODEL, got {' '.join(extra)}", param_hint="MODEL")
+    settings = ServerSettings(host=host, port=port, api_key=api_key or None, model_id=model_id,
+                              max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mp * 1e6),
+                              parallel=parallel, max_queue=max_queue, context=context,
+                              default_max_tokens=default_max_tokens,
+                              allow_remote_images=allow_remote_images, local_image_dir=local_images)
+    model = _load(model_args, n_threads=threads)
+    try:
+        console.print(f"serving {model_args[0]} at http://{host}:{port}/v1 (Ctrl-C stops)", highlight=False,
+                      soft_wrap=True)
+        run_server(model, settings)
+    finally:
+        model.close()
+
+
 def _ocr_mode(mode: str) -> str:
     from minicpmv_edge.runtime.ocr import PROMPTS
 
@@ -263,17 +321,40 @@ def ocr(
     cache_gb: float = typer.Option(2.0, "--embedding-cache-gb", min=0, help="Size bound of the embedding cache"),
     memory_mb: int = typer.Option(256, "--embedding-memory-mb", min=0,
                                   help="Image embeddings kept in memory beyond the current page's"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", help="OCR on a Ray cluster (needs the ray extra): auto (the cluster "
+        "`ray start` joined this machine to), HOST:PORT of its head, or local (a private instance here); "
+        "--threads is then per worker"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: workers, each holding the "
+                                          "model (default: the cluster's CPUs / --threads)"),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="Pages OCRed together as sequences "
+                                           "of one context (default: ocr.DEFAULT_PARALLEL)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate --max-new-tokens on every page "
+                                    "(benchmarks)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object"),
 ) -> None:
     """OCR pages with one model load; reruns skip finished pages, and each page is written exactly once."""
-    from minicpmv_edge.runtime.ocr import OcrOptions, run_batch
+    import contextlib
+
+    from minicpmv_edge.runtime.ocr import DEFAULT_PARALLEL, OcrOptions, run_batch
 
     model_args, inputs = _model_and_rest(args, "the inputs")
     if not inputs:
         raise typer.BadParameter("no inputs after MODEL", param_hint="MODEL INPUTS...")
     if "-" in inputs:
         inputs = [i for i in inputs if i != "-"] + [line.strip() for line in sys.stdin if line.strip()]
+    if workers is not None and ray_address is None:
+        raise typer.BadParameter("--workers goes with --ray", param_hint="--workers")
+    if parallel is not None and ray_address is not None:
+        raise typer.BadParameter("--parallel is for a model in this process; --ray has --workers", param_hint="--parallel")
+    pool = None
+    if ray_address is not None:
+        from minicpmv_edge.runtime.ray_ocr import RayPool
+
+        pool = RayPool(model_args, address=ray_address, workers=workers, threads=threads or 1,
+                       embedding_memory_bytes=memory_mb << 20,
+                       on_message=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
 
     def reconciled(report) -> None:  # noqa: ANN001 - jobstore.ReconcileReport
         for count, message in [(report.restored, "restored {} record{} missing from {}"),
@@ -290,15 +371,15 @@ def ocr(
 
     columns = (TextColumn("ocr"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=quiet or as_json) as bar:
+    with pool or contextlib.nullcontext(), Progress(*columns, console=console, disable=quiet or as_json) as bar:
         task = bar.add_task("ocr", total=None, rate="", visible=False)
         summary = run_batch(
-            model_args, inputs, output,
+            pool or model_args, inputs, output,
             OcrOptions(mode=mode, prompt=prompt, max_new_tokens=max_new_tokens, max_slice_nums=max_slice_nums,
-                       dpi=dpi, small_image_upsize=small_image_upsize),
+                       dpi=dpi, small_image_upsize=small_image_upsize, ignore_eos=ignore_eos),
             include=include, exclude=exclude, pages=pages, retry_failed=retry_failed, text_dir=text_dir,
             embedding_cache=cache_dir, embedding_cache_bytes=int(cache_gb * 2**30),
-            embedding_memory_bytes=memory_mb << 20, n_threads=threads,
+            embedding_memory_bytes=memory_mb << 20, n_threads=threads, parallel=parallel or DEFAULT_PARALLEL,
             on_start=lambda total: bar.update(task, total=total, visible=True), on_page=page_done,
             on_reconcile=reconciled)
     if as_json:

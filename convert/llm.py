@@ -12,6 +12,7 @@ from gguf import GGUFWriter
 from .checkpoint import Checkpoint
 from .errors import ConversionError
 from minicpmv_edge.families import Family
+from minicpmv_edge.families.minicpmv4_7 import CANVAS_KEY, CANVAS_MARKERS
 
 from .families import llm_config
 from .gguf_out import GgufPlan, PlannedTensor, SourcedTensor
@@ -48,6 +49,23 @@ def _file_order(name: str) -> tuple[int, str]:
     if match:
         return int(match.group(1)) + 1, name
     return (0 if name.startswith(("token_embd", "rope_")) else 1 << 30), name
+
+
+CANVAS_DESCRIPTION = ("MiniCPM-V 4.7 for canvas M-RoPE positions fed as embedding rows [sequence index, H, W, T] "
+                      "(rope sections [0, h, w, t]), as minicpmv-edge feeds them; clients feeding token batches "
+                      "decode it with wrong positions")
+
+
+def canvas_markers(family: Family, config: dict) -> list[int]:
+    """The marker token ids canvas positions are computed from (config.json, MiniCPMV4_7Config), or [] for a
+    family with sequential positions."""
+    if family.positions != "canvas":
+        return []
+    missing = [key for key in CANVAS_MARKERS if not isinstance(config.get(key), int)]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(missing)}, which {family.title}'s canvas positions "
+                              f"are computed from")
+    return [int(config[key]) for key in CANVAS_MARKERS]
 
 
 def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan:
@@ -104,8 +122,13 @@ def plan_llm(checkpoint: Checkpoint, family: Family, preset: Preset) -> GgufPlan
         raise ConversionError(f"preprocessor_config.json's small_image_upsize {upsize!r} is none of {family.title}'s "
                               f"modes ({', '.join(family.small_image_upsize)})")
 
+    markers = canvas_markers(family, top)
+
     def metadata(writer: GGUFWriter) -> None:
         writer.add_name(family.title)
+        if markers:
+            writer.add_array(CANVAS_KEY, markers)
+            writer.add_description(CANVAS_DESCRIPTION)
         # What the runtime needs to lay out prompts as the family's official processor does.
         writer.add_string("minicpmv_edge.family", family.key)
         writer.add_bool("minicpmv_edge.use_image_id", use_image_id)

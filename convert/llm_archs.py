@@ -7,6 +7,8 @@ llama-model.cpp / convert_hf_to_gguf.py are the reference)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -285,6 +287,9 @@ LLM_ARCHS: dict[str, LlmArch] = {
                       check=qwen35.check, tensors=qwen35.expected_tensors, tensor_hint=qwen35.tensor_hint,
                       whole_head_rope=False),
 }
+# MiniCPM-V 4.7: qwen35 for canvas positions fed as embedding rows (qwen35.canvas_sections).
+LLM_ARCHS["qwen35-canvas"] = dataclasses.replace(
+    LLM_ARCHS["qwen35"], extra_metadata=functools.partial(qwen35.write_metadata, canvas=True))
 
 
 def _minicpm_form(config: dict[str, Any]) -> bool:

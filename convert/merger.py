@@ -66,10 +66,23 @@ def _source_tensors(checkpoint: Checkpoint, vision: dict, keep_vit_merger: bool)
     return out
 
 
+def check_kernels(config: dict, vision: dict) -> None:
+    """clip.cpp's minicpmv4_6 graph hard-codes 2x2 window and merge kernels and one merge round (MiniCPM-V
+    4.7's config names them; 4.6's has these values built in)."""
+    for where, key in ((vision, "window_kernel_size"), (config, "merge_kernel_size")):
+        if list(where.get(key, [2, 2])) != [2, 2]:
+            raise ConversionError(f"config.json's {key} {where[key]} is not 2x2, the only kernel clip.cpp's "
+                                  f"MiniCPM-V merger runs")
+    if config.get("merger_times", 1) != 1:
+        raise ConversionError(f"config.json's merger_times {config['merger_times']} is not 1, the only number of "
+                              f"merge rounds clip.cpp's MiniCPM-V merger runs")
+
+
 def plan_merger_mmproj(checkpoint: Checkpoint, family: Family, preset: Preset, mode: str) -> GgufPlan:
     """`mode`: a key of DOWNSAMPLE_MODES, as `downsample_mode_of` resolves it."""
     config = checkpoint.config
     vision = require(config, "vision_config")
+    check_kernels(config, vision)
     preprocessor = checkpoint.json_file("preprocessor_config.json") or {}
     n_layer = int(require(vision, "num_hidden_layers"))
     insert_layer = int(config.get("insert_layer_id", vision.get("insert_layer_id", 6)))

@@ -241,7 +241,18 @@ def tensor_hint(config: dict[str, Any], name: str) -> str | None:
     return None
 
 
-def write_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
+def canvas_sections(sections: list[int]) -> list[int]:
+    """The rope sections of a GGUF fed canvas positions as [sequence index, H, W, T] (MiniCPM-V 4.7): T moves
+    from section 0 to the fourth slot, which ggml's interleaved M-RoPE uses for every pair outside the h/w
+    sections, exactly the pairs transformers rotates by T; section 0 rotates nothing, so its position only
+    orders the KV cache (causally, as transformers masks by sequence index)."""
+    if sections[3]:
+        raise ConversionError(f"mrope_section {sections} uses a fourth section, which canvas positions need free")
+    return [0, sections[1], sections[2], sections[0]]
+
+
+def write_metadata(writer: GGUFWriter, config: dict[str, Any], canvas: bool = False) -> None:
+    """`canvas`: the rope sections for canvas positions (`canvas_sections`)."""
     arch = writer.arch
     writer.add_ssm_conv_kernel(int(require(config, "linear_conv_kernel_dim")))
     writer.add_ssm_state_size(int(require(config, "linear_key_head_dim")))
@@ -252,4 +263,4 @@ def write_metadata(writer: GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_full_attention_interval(full_attention_interval(config))
     n_rot, sections = rope_layout(config)
     writer.add_rope_dimension_count(n_rot)
-    writer.add_rope_dimension_sections(sections)
+    writer.add_rope_dimension_sections(canvas_sections(sections) if canvas else sections)

@@ -7,6 +7,7 @@ and importing it here."""
 from . import resampler  # noqa: F401, I001
 from . import minicpmv4_6  # noqa: F401
 from . import minicpm_ocr  # noqa: F401
+from . import minicpmv4_7  # noqa: F401
 from .registry import (FAMILY_KEY, Family, Layout, PieceFrame, UnknownFamily, families, from_config, from_gguf,
                        get, supported_list)
 from .specs import CheckpointSpec, ReferenceHints

@@ -44,7 +44,7 @@ _IDS = {"bos_token_id": "$id:<|endoftext|>", "eos_token_id": ["$id:<|im_end|>", 
 
 register(Family(
     "minicpm-v-4.6", "MiniCPM-V 4.6", "MiniCPMV4_6ForConditionalGeneration", "", "qwen35", "qwen35",
-    "minicpmv4_6", layout=MERGER_LAYOUT, unversioned=True,
+    "minicpmv4_6", layout=MERGER_LAYOUT, unversioned=True, video="frames",
     synthetic=CheckpointSpec(
         builder="minicpmv4_6", tokenizer="bpe-qwen35",
         # "$layer_types": `layers` entries, every `full_attention_interval`-th one full attention.

@@ -51,6 +51,12 @@ MERGER_LAYOUT = Layout("model.language_model.", "model.", ("model.vision_tower."
 # piece grid; larger images still shrink), "adaptive" decides per image and slice from its glyphs (OpenCV).
 UPSIZE_MODES = ("always", "never", "adaptive")
 
+# "temporal": the 3D resampler (MiniCPM-V 4.5, MiniCPM-o 4.5): frames chosen as the model card's encode_video
+# does, grouped by temporal ids, each group one 64-token block at its first frame's place; `temporal_ids` in
+# chat(). "frames": MiniCPM-V 4.6's video processor: one frame per second (plus stacked sub-second composites),
+# each frame its own piece, the placeholders of one video back to back.
+VIDEO_MODES = ("temporal", "frames")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -58,7 +64,9 @@ class Family:
     title: str
     architecture: str  # config.json "architectures"[0]
     version: str  # config.json "version", as a string ("" where the config has none)
-    llm_arch: str  # the llama.cpp architecture our converter writes for the language model
+    # The converter's LLM architecture (a key of convert/llm_archs.py's LLM_ARCHS; its llama.cpp name is the
+    # GGUF's general.architecture, listed in gguf_llm_archs where the two differ)
+    llm_arch: str
     tokenizer_pre: str  # tokenizer.ggml.pre: llama.cpp's pre-tokenizer regex set, named per family, not hashed
     projector: str  # clip.projector_type: "resampler" or "minicpmv4_6"
     minicpmv_version: int = 0  # clip.minicpmv_version of resampler projectors
@@ -68,6 +76,8 @@ class Family:
     # The `small_image_upsize` modes the family's processor offers, its published default first (UPSIZE_MODES).
     small_image_upsize: tuple[str, ...] = ("always",)
     frame: PieceFrame = PieceFrame()
+    # How a video becomes prompt pieces (VIDEO_MODES); "": the family has no published video path.
+    video: str = ""
     layout: Layout = RESAMPLER_LAYOUT
     # Prefixes of published tensors that are not part of a vision+text model (MiniCPM-o's audio and TTS).
     skip_prefixes: tuple[str, ...] = ()
@@ -76,6 +86,12 @@ class Family:
     # Language-model architectures a GGUF of this family may carry (llama.cpp's converter can pick another
     # one than ours for the same weights).
     gguf_llm_archs: tuple[str, ...] = ()
+    # How the language model places prompt positions: "sequential" (one index per item), or "canvas"
+    # (MiniCPM-V 4.7's canvas M-RoPE: an image's tokens sit on a 2-D canvas; runtime/canvas_rope.py).
+    positions: str = "sequential"
+    # clip.projector_type values other converters write for this family (llama.cpp's newer converter: 4.7 as
+    # "minicpmv4_7"), so such a pair is recognised, and refused where the runtime cannot honour it.
+    foreign_projectors: tuple[str, ...] = ()
     # What a synthetic checkpoint of the family looks like (minicpmv_edge.synthetic writes it) and which torch
     # reference the tests build for it (tests/reference.py; None: the family has none there). Pure data, left
     # out of equality and hashing.
@@ -160,6 +176,9 @@ def _from_projector(mmproj: Mapping[str, Any], llm_arch: Any) -> Family:
         raise UnknownFamily("the mmproj has no clip.projector_type (nor clip.has_minicpmv_projector): "
                             "it is not a MiniCPM-V vision tower")
     candidates = [f for f in _REGISTRY.values() if f.projector == projector]
+    foreign = [f for f in _REGISTRY.values() if projector in f.foreign_projectors]
+    if not candidates and foreign:
+        return foreign[0]
     if not candidates:
         raise UnknownFamily(f"the mmproj's clip.projector_type is {projector!r}; MiniCPM-V projectors are "
                             f"{', '.join(sorted({f.projector for f in _REGISTRY.values()}))}")

@@ -279,7 +279,7 @@ register(Family(
 ))
 # llama.cpp's docs convert MiniCPM-o 4.0 with version 6 too; its layout is 4.5's.
 register(Family(
-    "minicpm-v-4.5", "MiniCPM-V 4.5", "MiniCPMV", "4.5", "qwen3", "qwen2", "resampler", 6,
+    "minicpm-v-4.5", "MiniCPM-V 4.5", "MiniCPMV", "4.5", "qwen3", "qwen2", "resampler", 6, video="temporal",
     synthetic=CheckpointSpec(
         builder="resampler", llm="qwen3", tokenizer="bpe-qwen2", query_num=64,
         full=dict(vocab=151748, hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, head_dim=128,
@@ -305,7 +305,7 @@ register(Family(
 ))
 register(Family(
     "minicpm-o-4.5", "MiniCPM-o 4.5", "MiniCPMO", "4.5", "qwen3", "qwen2", "resampler", 100045,
-    skip_prefixes=OMNI_SKIP,
+    skip_prefixes=OMNI_SKIP, video="temporal",
     synthetic=CheckpointSpec(
         builder="resampler", llm="qwen3", tokenizer="bpe-qwen2", query_num=64,
         full=dict(vocab=151748, hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, head_dim=128,

@@ -14,15 +14,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
 
 from minicpmv_edge.common.system import default_threads, peak_rss_mb
 
+from .canvas_rope import CanvasModel, CanvasPlan
 from .embedding_cache import DEFAULT_MEMORY_BYTES, EmbeddingCache, EmbeddingMemory
-from .engine import Engine, EngineError, Sampling
+from .engine import Engine, EngineError, PositionPlan, Sampling, SequenceSlot
 from .pair import PromptSettings, prompt_settings, read_metadata, resolve_pair
 from .prompt import ChatInputError, PromptBuilder, PromptItem
 from .vision_pipeline import VisionPipeline
@@ -45,6 +46,37 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop", "length" on the last record
 
 
+class Generation:
+    """One answer being generated from a sequence whose prompt is decoded: its own sampler chain, the text
+    decoding of its tokens and the running figures its records carry (shared by `stream_generate` and the
+    multi-sequence scheduler). `sampling.ignore_eos` generates `max_new_tokens` whatever the model says."""
+
+    def __init__(self, engine: Engine, sampling: Sampling, max_new_tokens: int, prompt_tokens: int,
+                 encode_ms: float, prefill_tokens_per_s: float):
+        self.engine, self.max_new_tokens, self.prompt_tokens = engine, max_new_tokens, prompt_tokens
+        self.encode_ms, self.prefill_tokens_per_s = encode_ms, prefill_tokens_per_s
+        self.chain = engine.sampler(sampling)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def next_record(self, sequence: SequenceSlot) -> GenerationResponse:
+        """Sample the sequence's next token (its logits are the last decoded batch's) and describe it."""
+        token = self.engine.sample(self.chain, sequence.seq_id)
+        self.tokens += 1
+        end = self.engine.is_end(token)
+        text = "" if end else self.utf8.decode(self.engine.piece(token))
+        elapsed = time.perf_counter() - self.started
+        finish = "stop" if end else ("length" if self.tokens == self.max_new_tokens else None)
+        return GenerationResponse(text, token, self.encode_ms, self.prompt_tokens, self.prefill_tokens_per_s,
+                                  self.tokens, self.tokens / elapsed if elapsed > 0 else 0.0, peak_rss_mb(), finish)
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
 class ChatAnswer(str):
     """What `chat()` returns: the answer as a `str` (so the published multi-turn code can append it to the
     history), with the reasoning of thinking mode and the timings alongside."""
@@ -60,6 +92,20 @@ class ChatAnswer(str):
     @property
     def text(self) -> str:
         return str(self)
+
+    @classmethod
+    def of(cls, records: Iterable[GenerationResponse]) -> "ChatAnswer":
+        """The answer a stream of records makes (reasoning split off, timings from the last record)."""
+        pieces, last = [], None
+        for record in records:
+            pieces.append(record.text)
+            last = record
+        reasoning, text = split_reasoning("".join(pieces))
+        timings = {} if last is None else {
+            "image_encode_ms": last.image_encode_ms, "prompt_tokens": last.prompt_tokens,
+            "prefill_tokens_per_s": last.prefill_tokens_per_s, "generation_tokens": last.generation_tokens,
+            "decode_tokens_per_s": last.decode_tokens_per_s, "peak_rss_mb": last.peak_rss_mb}
+        return cls(text.strip(), reasoning, timings)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -89,12 +135,15 @@ class Model:
                  embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.engine: Engine | None = None
         self.vision: VisionPipeline | None = None
+        self._canvas: CanvasModel | None = None  # what canvas M-RoPE families' positions need
         # Names the model in batch-job keys and records: a different file means different answers.
         self.identity = f"{model_path.name}:{model_path.stat().st_size}+{mmproj_path.name}:{mmproj_path.stat().st_size}"
         try:
             projector = read_metadata(mmproj_path)
             self.engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, repack=repack)
             settings = prompt_settings(self._meta, projector)
+            if settings.family.positions == "canvas":
+                self._canvas = CanvasModel(settings.family, model_path)
             template = llama_cpp.llama_model_chat_template(self.engine.model, None)
             if not template:
                 raise EngineError(f"{model_path} carries no chat template (tokenizer.chat_template)")
@@ -160,20 +209,21 @@ class Model:
         def keep(start: int, rows: np.ndarray) -> None:
             logits[start:start + len(rows)] = rows
 
-        self.engine.feed(list(items), self.embeddings, on_logits=keep)
+        self.engine.feed(list(items), self.embeddings, on_logits=keep, plan=self.position_plan(items))
         return logits
 
     def prepare(self, msgs: Sequence[dict[str, Any]], *, system_prompt: str | None = None,
                 enable_thinking: bool = False, max_slice_nums: int | None = None,
-                use_image_id: bool | None = None,
-                small_image_upsize: str | None = None) -> tuple[list[PromptItem], float]:
+                use_image_id: bool | None = None, small_image_upsize: str | None = None,
+                temporal_ids: Sequence[Sequence[int]] | None = None) -> tuple[list[PromptItem], float]:
         """The prompt items of `msgs` (token ids, and (piece key, row) for image embeddings) laid out as the
         family's official processor does, and the time spent encoding new pieces in ms. `small_image_upsize`
         (MiniCPM-OCR: "always", "never" or "adaptive", which needs OpenCV) overrides the checkpoint's preprocessor
-        setting."""
+        setting; `temporal_ids` (3D-resampler families) group the images into video blocks, as published."""
         items, seconds = self.prompt.build(msgs, self.vision, system_prompt=system_prompt,
                                            enable_thinking=enable_thinking, max_slice_nums=max_slice_nums,
-                                           use_image_id=use_image_id, small_image_upsize=small_image_upsize)
+                                           use_image_id=use_image_id, small_image_upsize=small_image_upsize,
+                                           temporal_ids=temporal_ids)
         return items, seconds * 1000
 
     # ---- generation -------------------------------------------------------------------------------------
@@ -181,33 +231,37 @@ class Model:
     def stream_generate(self, msgs: Sequence[dict[str, Any]], *, max_new_tokens: int = 512,
                         sampling: Sampling = Sampling(), system_prompt: str | None = None,
                         enable_thinking: bool = False, max_slice_nums: int | None = None,
-                        use_image_id: bool | None = None,
-                        small_image_upsize: str | None = None) -> Iterator[GenerationResponse]:
+                        use_image_id: bool | None = None, small_image_upsize: str | None = None,
+                        temporal_ids: Sequence[Sequence[int]] | None = None) -> Iterator[GenerationResponse]:
         items, encode_ms = self.prepare(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
                                         max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                        small_image_upsize=small_image_upsize)
+                                        small_image_upsize=small_image_upsize, temporal_ids=temporal_ids)
         self.engine.reserve(len(items) + max_new_tokens)
         started = time.perf_counter()
-        decoded = self.engine.feed(items, self.embeddings)
-        prefill_s = time.perf_counter() - started
-        prefill_tps = decoded / prefill_s if prefill_s > 0 else 0.0
-        chain = self.engine.sampler(sampling)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decode_started = time.perf_counter()
+        decoded = self.engine.feed(items, self.embeddings, plan=self.position_plan(items))
+        answer = Generation(self.engine, sampling, max_new_tokens, len(items), encode_ms,
+                            decoded / max(time.perf_counter() - started, 1e-9))
         try:
-            for n in range(1, max_new_tokens + 1):
-                token = self.engine.sample(chain)
-                end = self.engine.is_end(token)
-                text = "" if end else utf8.decode(self.engine.piece(token))
-                elapsed = time.perf_counter() - decode_started
-                finish = "stop" if end else ("length" if n == max_new_tokens else None)
-                yield GenerationResponse(text, token, encode_ms, len(items), prefill_tps, n,
-                                         n / elapsed if elapsed > 0 else 0.0, peak_rss_mb(), finish)
-                if finish:
+            while True:
+                record = answer.next_record(self.engine.slots[0])
+                yield record
+                if record.finish_reason:
                     break
-                self.engine.append_token(token)
+                self.engine.append_token(record.token)
         finally:
-            llama_cpp.llama_sampler_free(chain)
+            answer.close()
+
+    def position_plan(self, items: Sequence[PromptItem]) -> PositionPlan | None:
+        """Explicit positions for the prompt's items where the family's decoder needs them: MiniCPM-V 4.7's
+        canvas M-RoPE (runtime/canvas_rope.py); None for sequential positions. Call it right after `prepare`,
+        whose pieces' sizes it reads."""
+        if self._canvas is None:
+            return None
+        align = self.vision.piece_align
+        sizes = self.prompt.piece_sizes
+        grids = {key: (sizes[key][1] // align, sizes[key][0] // align)
+                 for key in {item[0] for item in items if not isinstance(item, int)}}
+        return CanvasPlan(self._canvas.markers, self._canvas.token_rows, grids.__getitem__)
 
     def chat(self, msgs: Any = None, image: Any = None, tokenizer: Any = None, processor: Any = None, *,
              vision_hidden_states: Any = None, max_new_tokens: int = 2048, min_new_tokens: int = 0,
@@ -235,16 +289,16 @@ class Model:
         unknown = sorted(set(generation) - GENERATION_KEYWORDS)
         if unknown:
             raise ChatInputError(f"chat() does not take {', '.join(unknown)}")
-        for name, value in (("vision_hidden_states", vision_hidden_states), ("temporal_ids", temporal_ids)):
-            if value is not None:
-                raise ChatInputError(f"chat(): {name} is not supported by this runtime yet")
+        if vision_hidden_states is not None:
+            raise ChatInputError("chat(): vision_hidden_states is not supported by this runtime yet")
         if min_new_tokens:
             raise ChatInputError("chat(): min_new_tokens is not supported by this runtime yet")
         if not msgs:
             raise ChatInputError("msgs is empty: give at least one user message")
         if isinstance(msgs[0], list):
-            if image is not None or stream:
-                raise ChatInputError("a batch of conversations takes its images inside msgs and cannot stream")
+            if image is not None or stream or temporal_ids is not None:
+                raise ChatInputError("a batch of conversations takes its images inside msgs, cannot stream and "
+                                     "takes no temporal_ids")
             return [self.chat(one, max_new_tokens=max_new_tokens, sampling=sampling, system_prompt=system_prompt,
                               max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                               enable_thinking=enable_thinking, seed=seed,
@@ -261,19 +315,10 @@ class Model:
         records = self.stream_generate(msgs, max_new_tokens=max_new_tokens, sampling=chosen,
                                        system_prompt=system_prompt or None, enable_thinking=enable_thinking,
                                        max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                       small_image_upsize=small_image_upsize)
+                                       small_image_upsize=small_image_upsize, temporal_ids=temporal_ids)
         if stream:
             return (record.text for record in records)
-        pieces, last = [], None
-        for record in records:
-            pieces.append(record.text)
-            last = record
-        reasoning, text = split_reasoning("".join(pieces))
-        timings = {} if last is None else {
-            "image_encode_ms": last.image_encode_ms, "prompt_tokens": last.prompt_tokens,
-            "prefill_tokens_per_s": last.prefill_tokens_per_s, "generation_tokens": last.generation_tokens,
-            "decode_tokens_per_s": last.decode_tokens_per_s, "peak_rss_mb": last.peak_rss_mb}
-        return ChatAnswer(text.strip(), reasoning, timings)
+        return ChatAnswer.of(records)
 
 
 def load(model: str | Path, mmproj: str | Path | None = None, *, n_ctx: int = DEFAULT_CONTEXT,

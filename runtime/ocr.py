@@ -2,12 +2,15 @@
 
 `run_batch` is the whole job (what `minicpmv ocr` runs): expand the inputs, open the job store, load the
 model once, OCR every page not done yet and return a `Summary`. Its parts: `iter_pages` expands the inputs
-into pages (a PDF page rendered at the chosen DPI with pypdfium2); `run_ocr` asks the model about each page
-with greedy decoding (so a rerun gives the same text), records each result in the job store before it
-reaches the JSONL, isolates per-page failures, and yields one `PageResult` per page."""
+into pages (a PDF page rendered at the chosen DPI with pypdfium2); `run_ocr` hands the pages not done yet to
+a `PageRunner` (`local_runner`: `ocr_page` after `ocr_page` in this process; `ray_ocr.RayPool`: actors on a
+Ray cluster), records each result in the job store before it reaches the JSONL, and yields one `PageResult`
+per page. `ocr_page` asks the model with greedy decoding (so a rerun gives the same text) and turns a page's
+failure into its record."""
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import glob
 import hashlib
@@ -15,17 +18,17 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, Union, runtime_checkable
 
 from PIL import Image
 
 from minicpmv_edge.common.files import atomic_write
 
 from .embedding_cache import DEFAULT_MEMORY_BYTES, EmbeddingCache
-from .engine import EngineError
+from .engine import EngineError, Sampling
 from .images import ImageInputError, load_image
 from .jobstore import JobStore, JobStoreError, ReconcileReport
-from .model import Model, load
+from .model import ChatAnswer, Model, load
 from .vision import VisionError
 
 PROMPTS = {
@@ -66,10 +69,16 @@ class OcrOptions:
     max_slice_nums: int | None = None
     dpi: int = 150
     small_image_upsize: str | None = None  # MiniCPM-OCR's sizing of small images and slices; None: the model's
+    ignore_eos: bool = False  # every page generates max_new_tokens (benchmarks: the same work for every engine)
 
     @property
     def question(self) -> str:
         return self.prompt or PROMPTS[self.mode]
+
+    @property
+    def sampling(self) -> Sampling:
+        """Greedy, so a rerun gives the same text."""
+        return Sampling(ignore_eos=self.ignore_eos)
 
 
 def parse_page_ranges(spec: str | None) -> set[int] | None:
@@ -132,7 +141,7 @@ def _content_hash(ref: PageRef, dpi: int, file_digests: dict[str, str]) -> str:
     return f"{digest}:p{ref.page}:dpi{dpi}" if ref.is_pdf else digest
 
 
-def _render(ref: PageRef, dpi: int) -> Image.Image:
+def render_page(ref: PageRef, dpi: int) -> Image.Image:
     if not ref.is_pdf:
         return load_image(ref.source)
     import pypdfium2
@@ -151,15 +160,142 @@ def job_key(content_hash: str, model_id: str, options: OcrOptions) -> str:
     # The sizing mode joins the identity only when given, so jobs started before it existed resume as they were.
     identity = json.dumps([content_hash, model_id, options.question, options.max_new_tokens,
                            options.max_slice_nums, options.dpi]
-                          + ([options.small_image_upsize] if options.small_image_upsize else []))
+                          + ([options.small_image_upsize] if options.small_image_upsize else [])
+                          + (["ignore_eos"] if options.ignore_eos else []))
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: OcrOptions, *, model_id: str,
+@dataclass(frozen=True)
+class PageTask:
+    """A page not done yet: where it is, its job key and the content hash the key was made from."""
+
+    ref: PageRef
+    key: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a page's record says about the model: its identity (part of every job key) and the settings a
+    page gets where the options leave them open."""
+
+    identity: str
+    max_slice_nums: int
+    small_image_upsize: str
+
+    @classmethod
+    def of(cls, model: Model) -> "ModelFacts":
+        return cls(model.identity, model.max_slice_nums, model.settings.small_image_upsize)
+
+
+# OCRs the pages it is given: one (task, status, record) per task, in any order (status: done | failed).
+PageRunner = Callable[[Iterable[PageTask]], Iterator[tuple[PageTask, str, dict]]]
+
+
+@runtime_checkable
+class PagePool(Protocol):
+    """Workers outside this process that hold the model (`ray_ocr.RayPool`). `start` readies them and returns
+    the facts of the model they hold and the runner that OCRs pages on them; the caller closes the pool."""
+
+    def start(self, options: OcrOptions) -> tuple[ModelFacts, PageRunner]: ...
+
+    def close(self) -> None: ...
+
+
+def page_record(task: PageTask, model: ModelFacts, options: OcrOptions) -> dict:
+    """A page's record before its answer: what was asked of which model about which content."""
+    ref = task.ref
+    return {"key": task.key, "source": ref.source, "page": ref.page, "content_hash": task.content_hash,
+            "model": model.identity, "mode": options.mode,
+            "prompt": options.question, "max_slice_nums": options.max_slice_nums or model.max_slice_nums,
+            "dpi": options.dpi if ref.is_pdf else None,
+            "small_image_upsize": options.small_image_upsize or model.small_image_upsize}
+
+
+def failed_page(record: dict, error: Exception | str, started: float) -> tuple[str, dict]:
+    record.update(text=None, error=" ".join(str(error).split()), seconds=round(time.perf_counter() - started, 3))
+    return "failed", record
+
+
+# The errors that fail one page (the batch goes on); anything else is a defect and ends the run.
+PAGE_ERRORS = (ImageInputError, EngineError, VisionError, OSError)
+
+
+def ocr_page(model: Model, task: PageTask, options: OcrOptions, image: Image.Image | None = None) -> tuple[str, dict]:
+    """OCR one page, rendered here unless `image` is given: ("done" or "failed", its record)."""
+    record, started = page_record(task, ModelFacts.of(model), options), time.perf_counter()
+    try:
+        image = render_page(task.ref, options.dpi) if image is None else image
+        answer = ChatAnswer.of(model.stream_generate(
+            [{"role": "user", "content": [image, options.question]}], max_new_tokens=options.max_new_tokens,
+            sampling=options.sampling, max_slice_nums=options.max_slice_nums,
+            small_image_upsize=options.small_image_upsize))
+    except PAGE_ERRORS as e:
+        return failed_page(record, e, started)
+    return done_page(record, answer, started)
+
+
+def done_page(record: dict, answer: ChatAnswer, started: float) -> tuple[str, dict]:
+    record.update(text=answer.text, timings=answer.timings, error=None,
+                  seconds=round(time.perf_counter() - started, 3))
+    return "done", record
+
+
+def local_runner(model: Model, options: OcrOptions) -> PageRunner:
+    """Pages OCRed one after the other by a model loaded in this process."""
+    return lambda tasks: ((task, *ocr_page(model, task, options)) for task in tasks)
+
+
+# Pages in flight together on one context by default (`--parallel`). Provisional: 2 sequences decode one batch
+# (the weights read once for both) while the next page's pieces are encoded beside them; the full-size
+# benchmark (bench/throughput.py, `minicpmv ocr --parallel 1..4`) is what chooses the final value.
+DEFAULT_PARALLEL = 2
+
+
+def parallel_runner(model: Model, options: OcrOptions, n_parallel: int) -> PageRunner:
+    """Pages OCRed `n_parallel` at a time as sequences of one context (the scheduler's continuous batching),
+    handed back in input order; pages are rendered here while the scheduler works on earlier ones."""
+    from .scheduler import GenerationRequest, Scheduler
+
+    facts = ModelFacts.of(model)
+    ahead = 2 * n_parallel  # pages submitted beyond the running ones, so a finished sequence never waits
+    prompt = {"max_slice_nums": options.max_slice_nums, "small_image_upsize": options.small_image_upsize}
+
+    def finished(task: PageTask, record: dict, started: float, handle: object) -> tuple[PageTask, str, dict]:
+        if isinstance(handle, Exception):
+            return task, *failed_page(record, handle, started)
+        try:
+            return task, *done_page(record, ChatAnswer.of(handle), started)
+        except PAGE_ERRORS as e:
+            return task, *failed_page(record, e, started)
+
+    def run(tasks: Iterable[PageTask]) -> Iterator[tuple[PageTask, str, dict]]:
+        in_flight: collections.deque = collections.deque()
+        with Scheduler(model, n_parallel=n_parallel, max_queue=ahead + n_parallel) as scheduler:
+            for task in tasks:
+                record, started = page_record(task, facts, options), time.perf_counter()
+                try:
+                    image = render_page(task.ref, options.dpi)
+                    handle: object = scheduler.submit(GenerationRequest(
+                        [{"role": "user", "content": [image, options.question]}], options.max_new_tokens,
+                        options.sampling, prompt))
+                except PAGE_ERRORS as e:
+                    handle = e
+                in_flight.append((task, record, started, handle))
+                if len(in_flight) > ahead:
+                    yield finished(*in_flight.popleft())
+            while in_flight:
+                yield finished(*in_flight.popleft())
+
+    return run
+
+
+def run_ocr(runner: PageRunner, refs: Iterable[PageRef], store: JobStore, options: OcrOptions, *, model_id: str,
             retry_failed: bool = False, text_dir: Path | None = None,
             on_reconcile: Callable[[ReconcileReport], None] | None = None) -> Iterator[PageResult]:
-    """OCR every page not done yet; yields one result per page (skipped pages included). Before the first
-    page, the store puts the JSONL right and `on_reconcile` (if given) receives what it fixed."""
+    """OCR every page not done yet with `runner`; yields one result per page (skipped pages first). Before the
+    first page, the store puts the JSONL right and `on_reconcile` (if given) receives what it fixed. Each
+    record reaches the store, then the JSONL, as the runner hands it back."""
     work = []
     file_digests: dict[str, str] = {}
     for ref in refs:
@@ -171,33 +307,28 @@ def run_ocr(model: Model, refs: Iterable[PageRef], store: JobStore, options: Ocr
     report = store.reconcile(retry=store.failed_keys() if retry_failed else ())
     if on_reconcile is not None:
         on_reconcile(report)
+
+    def finished_before(ref: PageRef, key: str) -> PageResult:
+        status, record = store.lookup(key)
+        return PageResult(ref, "skipped" if status == "done" else "failed", record)
+
+    pending: dict[str, PageTask] = {}
+    repeats = []  # a page named twice in the inputs is OCRed once and reported as skipped the second time
     for ref, content_hash, key in work:
         finished = store.lookup(key)
         if finished and (finished[0] == "done" or not retry_failed):
             # A page that failed before stays failed (and counts as such) until --retry-failed.
-            yield PageResult(ref, "skipped" if finished[0] == "done" else "failed", finished[1])
-            continue
-        record = {"key": key, "source": ref.source, "page": ref.page, "content_hash": content_hash,
-                  "model": model_id, "mode": options.mode,
-                  "prompt": options.question, "max_slice_nums": options.max_slice_nums or model.max_slice_nums,
-                  "dpi": options.dpi if ref.is_pdf else None,
-                  "small_image_upsize": options.small_image_upsize or model.settings.small_image_upsize}
-        started = time.perf_counter()
-        try:
-            image = _render(ref, options.dpi)
-            answer = model.chat([{"role": "user", "content": [image, options.question]}], sampling=False,
-                                max_new_tokens=options.max_new_tokens, max_slice_nums=options.max_slice_nums,
-                                small_image_upsize=options.small_image_upsize)
-            record.update(text=answer.text, timings=answer.timings, error=None)
-            status = "done"
-        except (ImageInputError, EngineError, VisionError, OSError) as e:
-            record.update(text=None, error=" ".join(str(e).split()))
-            status = "failed"
-        record["seconds"] = round(time.perf_counter() - started, 3)
+            yield finished_before(ref, key)
+        elif key in pending:
+            repeats.append((ref, key))
+        else:
+            pending[key] = PageTask(ref, key, content_hash)
+    for task, status, record in runner(pending.values()):
         if status == "done" and text_dir is not None:
-            _write_text(text_dir, ref, record["text"], options.mode)
-        store.finish(key, ref.source, ref.page, status, record)
-        yield PageResult(ref, status, record)
+            _write_text(text_dir, task.ref, record["text"], options.mode)
+        store.finish(task.key, task.ref.source, task.ref.page, status, record)
+        yield PageResult(task.ref, status, record)
+    yield from (finished_before(ref, key) for ref, key in repeats)
 
 
 def _write_text(folder: Path, ref: PageRef, text: str, mode: str) -> None:
@@ -222,21 +353,25 @@ class Summary:
         return {**asdict(self), "output": str(self.output)}
 
 
-# A model to load (a folder, a hub spec, or the model GGUF and the mmproj GGUF), or a loaded one.
-ModelSpec = Union[Model, str, Path, Sequence[Union[str, Path]]]
+# A model to load (a folder, a hub spec, or the model GGUF and the mmproj GGUF), a loaded one, or workers
+# elsewhere that hold one (a PagePool).
+ModelSpec = Union[Model, PagePool, str, Path, Sequence[Union[str, Path]]]
 
 
 def run_batch(model: ModelSpec, inputs: Iterable[str], output: str | Path, options: OcrOptions | None = None, *,
               include: Sequence[str] = ("*",), exclude: Sequence[str] = (), pages: str | set[int] | None = None,
               retry_failed: bool = False, text_dir: Path | None = None, embedding_cache: Path | None = None,
               embedding_cache_bytes: int = 2 << 30, embedding_memory_bytes: int = DEFAULT_MEMORY_BYTES,
-              n_threads: int | None = None, on_start: Callable[[int], None] | None = None,
+              n_threads: int | None = None, parallel: int = DEFAULT_PARALLEL,
+              on_start: Callable[[int], None] | None = None,
               on_page: Callable[[PageResult, Summary], None] | None = None,
               on_reconcile: Callable[[ReconcileReport], None] | None = None) -> Summary:
     """OCR the pages of `inputs` into the JSONL `output` (a job store `output.sqlite` beside it makes reruns
     resume) with one model load. `pages` selects PDF pages ('1-3,7'). A model given by name is loaded with
     `n_threads` and `embedding_memory_bytes` and closed at the end; a loaded one is the caller's (it gets the
-    disk cache, if one is named). `on_start` receives the number of pages once the model is ready, `on_page`
+    disk cache, if one is named); so is a PagePool (its workers load their own model, and the disk cache, which
+    lives on this machine, is not for them). `parallel` pages are OCRed together as sequences of one context
+    (a pool has its own workers instead). `on_start` receives the number of pages once the model is ready, `on_page`
     each page's result with the counts so far, `on_reconcile` what the store fixed in the JSONL.
 
     Bad inputs (nothing matches, no pages, an unwritable output) raise OcrInputError before the model loads."""
@@ -247,18 +382,27 @@ def run_batch(model: ModelSpec, inputs: Iterable[str], output: str | Path, optio
     refs = list(iter_pages(inputs, include=include, exclude=exclude, pages=ranges))
     if not refs:
         raise OcrInputError("the inputs hold no pages")
+    if isinstance(model, PagePool) and embedding_cache is not None:
+        raise OcrInputError("the embedding cache lives on this machine; a worker pool does not use it")
     try:  # before the model loads: an output that cannot be written fails at once
         store = JobStore(output.with_name(output.name + ".sqlite"), output)
     except JobStoreError as e:
         raise OcrInputError(str(e)) from None
-    owned = not isinstance(model, Model)
-    if owned:
-        try:
+    owned = not isinstance(model, (Model, PagePool))
+    try:
+        if owned:
             model = load(*((model,) if isinstance(model, (str, Path)) else model), n_threads=n_threads,
                          embedding_memory_bytes=embedding_memory_bytes)
-        except BaseException:
-            store.close()
-            raise
+        if isinstance(model, PagePool):
+            facts, runner = model.start(options)
+        else:
+            facts = ModelFacts.of(model)
+            runner = parallel_runner(model, options, parallel) if parallel > 1 else local_runner(model, options)
+    except BaseException:
+        store.close()
+        if owned and isinstance(model, Model):
+            model.close()
+        raise
     if embedding_cache is not None:
         model.disk_cache = EmbeddingCache(embedding_cache, model.identity, max_bytes=embedding_cache_bytes)
 
@@ -271,7 +415,7 @@ def run_batch(model: ModelSpec, inputs: Iterable[str], output: str | Path, optio
     try:
         if on_start is not None:
             on_start(len(refs))
-        for result in run_ocr(model, refs, store, options, model_id=model.identity, retry_failed=retry_failed,
+        for result in run_ocr(runner, refs, store, options, model_id=facts.identity, retry_failed=retry_failed,
                               text_dir=text_dir, on_reconcile=on_reconcile):
             setattr(summary, result.status, getattr(summary, result.status) + 1)  # done | skipped | failed
             clock()

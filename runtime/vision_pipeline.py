@@ -21,6 +21,8 @@ class VisionPipeline:
     def __init__(self, mmproj_path: Path, projector: dict[str, Any], llama_model: ctypes.c_void_p, n_embd: int,
                  n_threads: int, memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.tower = VisionTower(mmproj_path, llama_model, n_threads)
+        self.mmproj_path, self.n_threads = mmproj_path, n_threads
+        self.video_encoder: Any = None  # the 3D resampler's encoder (video_encoder.py), built on first use
         patch_size = int(projector.get("clip.vision.patch_size", 14))
         try:
             self.encoder = PieceEncoder(self.tower.context, n_embd, n_threads,
@@ -37,6 +39,8 @@ class VisionPipeline:
         self.disk_cache: EmbeddingCache | None = None  # set by batch jobs that rerun over the same images
 
     def close(self) -> None:
+        if self.video_encoder is not None:
+            self.video_encoder.close()
         self.tower.close()
 
     def layout(self, size: tuple[int, int], max_slice_nums: int, small_image_upsize: str = "always",
@@ -47,13 +51,29 @@ class VisionPipeline:
     def embeddings(self, key: Hashable, piece: Callable[[], Image.Image]) -> tuple[np.ndarray, float]:
         """The piece's embeddings from memory, the disk cache or the vision tower (`piece()` cuts it only
         then), and the seconds spent encoding."""
+        return self._cached(key, lambda: self.encoder.encode(piece()))
+
+    def group_embeddings(self, key: Hashable, pieces: Callable[[], list[Image.Image]],
+                         temporal_ids: list[int]) -> tuple[np.ndarray, float]:
+        """One 3D-resampler block for a group of same-size pieces (one per frame, `pieces()` cuts them only
+        when no cache holds the block), and the seconds spent encoding."""
+        def encode() -> np.ndarray:
+            if self.video_encoder is None:
+                from .video_encoder import VideoEncoder
+
+                self.video_encoder = VideoEncoder(self.mmproj_path, self.n_threads)
+            return self.video_encoder.encode_group(pieces(), temporal_ids)
+
+        return self._cached(key, encode)
+
+    def _cached(self, key: Hashable, encode: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
         found = self.memory.get(key)
         if found is None and self.disk_cache is not None:
             found = self.disk_cache.get(key)
         seconds = 0.0
         if found is None:
             started = time.perf_counter()
-            found = self.encoder.encode(piece())
+            found = encode()
             seconds = time.perf_counter() - started
             if self.disk_cache is not None:
                 self.disk_cache.put(key, found)

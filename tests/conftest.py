@@ -103,6 +103,27 @@ def checkpoint(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], 
 
 
 @pytest.fixture(scope="module")
+def runtime(checkpoint: Path, workdir: Path):  # noqa: ANN201
+    """`runtime(mode, preset)`: our conversion of the module's checkpoint in that downsample mode (None: the
+    checkpoint's own) and preset, loaded once per module (`.conversion` holds the ConversionResult)."""
+    from minicpmv_edge.runtime import load
+
+    loaded = {}
+
+    def get(mode: str | None, preset: str):  # noqa: ANN202
+        if (mode, preset) not in loaded:
+            result = convert_checkpoint(checkpoint, workdir / "runtime" / checkpoint.name / f"{preset}-{mode}",
+                                        preset, downsample_mode=mode)
+            loaded[mode, preset] = load(result.llm_path, result.mmproj_path)
+            loaded[mode, preset].conversion = result
+        return loaded[mode, preset]
+
+    yield get
+    for model in loaded.values():
+        model.close()
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint: Path):  # noqa: ANN201 - a transformers PreTrainedModel
     """transformers' own model of `checkpoint`, for the families transformers ships (4.6, MiniCPM-OCR)."""
     from official import transformers_reference

@@ -31,6 +31,25 @@ CHATS = {
 }
 
 
+class CountingVision:
+    """The model's VisionPipeline for layout only: its real `layout`, and for each piece as many (empty)
+    embedding rows as the merger makes of it (checked against transformers in the features test)."""
+
+    def __init__(self, vision) -> None:  # noqa: ANN001
+        self.vision = vision
+
+    def layout(self, size, max_slice_nums, small_image_upsize="always", image=None):  # noqa: ANN001, ANN201
+        return self.vision.layout(size, max_slice_nums, small_image_upsize, image=image)
+
+    def embeddings(self, key, piece):  # noqa: ANN001, ANN201
+        image = piece()
+        rows = image.width * image.height // self.vision.piece_align ** 2
+        return np.zeros((rows, 1), np.float32), 0.0
+
+    def keep_only(self, protected) -> None:  # noqa: ANN001
+        pass
+
+
 def published_processor_class(processor_class: type) -> type:
     """A published transformers processor unchanged but for its constructor's class check of the video
     processor, which transformers resolves through a registry that needs torchvision (not installed here;
@@ -74,6 +93,53 @@ def assert_piece_features_match(encode: Callable[[Image.Image], np.ndarray], ref
         assert ours.shape == want.shape, case
         cosine = (ours * want).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(want, axis=-1)
         assert cosine.min() >= 0.999, (case, float(cosine.min()))
+
+
+def follow_up_turn(model: Any, image_size: tuple[int, int], question: str) -> tuple[list, list[int], list]:
+    """A first turn (8 greedy tokens), then a follow-up with a new image on the cached conversation: (the
+    follow-up messages, its 8 greedy tokens, its prompt items), the tokens checked equal to a fresh model's."""
+    from minicpmv_edge.runtime import load
+
+    first = [{"role": "user", "content": [random_image((500, 400), 4), question]}]
+    answer = model.chat(first, max_new_tokens=8, sampling=False)
+    follow_up = first + [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": [random_image(image_size, 5), "And this one?"]}]
+    reused = [r.token for r in model.stream_generate(follow_up, max_new_tokens=8)]
+    result = model.conversion
+    with load(result.llm_path, result.mmproj_path) as fresh:
+        assert reused == [r.token for r in fresh.stream_generate(follow_up, max_new_tokens=8)]
+        items, _ = fresh.prepare(follow_up)
+    return follow_up, reused, items
+
+
+def message_images(msgs: list[dict[str, Any]]) -> list[Image.Image]:
+    return [part for message in msgs for part in message["content"] if not isinstance(part, str)]
+
+
+def assert_layout_matches(model: Any, published: Any, sizes: dict[str, tuple[int, int]], question: str,
+                          **options: Any) -> None:
+    """Our prompt items for one image (laid out only: CountingVision) equal the published processor's ids, for
+    every size and max_slice_nums 1, 4, 9, 16; `options` go to our prompt builder (small_image_upsize)."""
+    vision = CountingVision(model.vision)
+    tokenizer = published.tokenizer
+    prompt = one_image_prompt(tokenizer, question)
+    for name, size in sizes.items():
+        image = random_image(size, 1)
+        for max_slice_nums in (1, 4, 9, 16):
+            items, _ = model.prompt.build([{"role": "user", "content": [image, question]}], vision,
+                                          max_slice_nums=max_slice_nums, **options)
+            expected = published(text=[prompt], images=[image], max_slice_nums=max_slice_nums, return_tensors="np")
+            assert image_ids(items, tokenizer.image_token_id) == expected["input_ids"][0].tolist(), \
+                (name, max_slice_nums)
+
+
+def image_prompt(model: Any, image_token_id: int, image: Image.Image, question: str) -> tuple[list, list, Any]:
+    """(messages, our prompt items, the ids as transformers takes them) of one image and a question."""
+    import torch
+
+    msgs = [{"role": "user", "content": [image, question]}]
+    items, _ = model.prepare(msgs)
+    return msgs, items, torch.tensor([image_ids(items, image_token_id)])
 
 
 def reference_geometry(size: tuple[int, int], max_slice_nums: int) -> tuple[tuple, tuple | None, tuple | None]:

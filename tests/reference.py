@@ -51,7 +51,7 @@ from minicpmv_edge.families import UnknownFamily, from_config
 from minicpmv_edge.families.specs import ReferenceHints
 
 __all__ = [
-    "MiniCPMForCausalLM", "Resampler", "encode_image_reference", "family_of",
+    "MiniCPMForCausalLM", "Resampler", "encode_image_reference", "encode_video_reference", "family_of",
     "image_bounds", "language_model", "llm_input_embeddings", "llm_kind", "load_state", "preprocess_448",
     "published_position_ids", "read_config", "resampler", "sincos_pos_embed_1d", "sincos_pos_embed_2d",
     "vision_features", "vision_tower",
@@ -339,6 +339,26 @@ def encode_image_reference(folder: Path | str, pixel_values: torch.Tensor,
         features = vision_features(tower, pixel_values, grid)
         temporal = [[-1]] if module.temporal else None
         return module(features, [grid_hw], temporal)[0]
+
+
+def encode_video_reference(folder: Path | str, groups: Sequence[Sequence[torch.Tensor]],
+                           temporal_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Video frames as the published MiniCPM-V 4.5 encodes them -> [len(groups), query_num, llm_hidden]: each
+    frame ([3, H, W] normalized pixels, one piece) through the ViT with its grid's published position ids, then
+    the 3D resampler over all frames at once with `temporal_ids` (one list per group, as `chat(temporal_ids=)`),
+    one output block per group."""
+    config = read_config(folder)
+    patch = int(config["vision_config"].get("patch_size", 14))
+    frames = [frame for group in groups for frame in group]
+    assert [len(g) for g in groups] == [len(t) for t in temporal_ids], (groups, temporal_ids)
+    tower, module = _image_encoder(*_folder_key(folder))
+    if not module.temporal:
+        raise ValueError("temporal ids need the 3D resampler")
+    with torch.no_grad():
+        features = [vision_features(tower, frame)[0] for frame in frames]
+        batch = nn.utils.rnn.pad_sequence(features, batch_first=True)
+        sizes = [(f.shape[1] // patch, f.shape[2] // patch) for f in frames]
+        return module(batch, sizes, [list(t) for t in temporal_ids])
 
 
 def _folder_key(folder: Path | str) -> tuple[str, int]:

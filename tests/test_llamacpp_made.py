@@ -22,7 +22,8 @@ DIFFERENT_WEIGHTS = {
 
 
 # Families llama.cpp's converters do not know (they make no pair of them).
-NOT_IN_LLAMACPP = {"minicpm-ocr-1.0": "convert_hf_to_gguf.py has no MiniCPMOcrForConditionalGeneration"}
+NOT_IN_LLAMACPP = {"minicpm-ocr-1.0": "convert_hf_to_gguf.py has no MiniCPMOcrForConditionalGeneration",
+                   "minicpm-v-4.7": "the pinned convert_hf_to_gguf.py has no MiniCPMV4_7ForConditionalGeneration"}
 
 
 def test_llamacpp_pair_is_identified_as_its_family(llamacpp_pair, any_family: str) -> None:

@@ -14,7 +14,7 @@ Stated tolerances:
 - image features: per-token cosine >= 0.999 between clip.cpp (F16 mmproj) and the transformers model's vision
   path for every piece (measured: >= 0.99999), "adaptive" included (the unequally sliced pages, 4x);
 - logits of an image + text prompt (F32 GGUF): the same argmax at every position and |difference| < 0.01;
-  greedy generation: the same 32 tokens.
+  greedy generation: the same 32 tokens; a follow-up turn: what a fresh model and transformers generate.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import (assert_piece_features_match, image_ids, one_image_prompt, published_processor_class,
-                      random_image)
+from official import (CountingVision, assert_layout_matches, assert_piece_features_match, follow_up_turn,
+                      image_ids, message_images, one_image_prompt, published_processor_class, random_image)
 from PIL import Image, ImageDraw
 
 from minicpmv_edge.convert import convert_checkpoint
@@ -72,43 +72,7 @@ class LayoutOnlyImageProcessor(MiniCPMOcrImageProcessor):
         return image
 
 
-class CountingVision:
-    """The model's VisionPipeline for layout only: its real `layout`, and for each piece as many (empty)
-    embedding rows as the merger makes of it (checked against transformers in the features test)."""
-
-    def __init__(self, vision) -> None:  # noqa: ANN001
-        self.vision = vision
-
-    def layout(self, size, max_slice_nums, small_image_upsize="always", image=None):  # noqa: ANN001, ANN201
-        return self.vision.layout(size, max_slice_nums, small_image_upsize, image=image)
-
-    def embeddings(self, key, piece):  # noqa: ANN001, ANN201
-        image = piece()
-        rows = image.width * image.height // self.vision.piece_align ** 2
-        return np.zeros((rows, 1), np.float32), 0.0
-
-    def keep_only(self, protected) -> None:  # noqa: ANN001
-        pass
-
-
 PublishedProcessor = published_processor_class(MiniCPMOcrProcessor)
-
-
-@pytest.fixture(scope="module")
-def runtime(checkpoint: Path, workdir: Path):  # noqa: ANN001, ANN201
-    loaded = {}
-
-    def get_model(mode: str | None, preset: str):  # noqa: ANN202
-        if (mode, preset) not in loaded:
-            result = convert_checkpoint(checkpoint, workdir / "ocr" / f"{preset}-{mode}", preset,
-                                        downsample_mode=mode)
-            loaded[mode, preset] = load(result.llm_path, result.mmproj_path)
-            loaded[mode, preset].conversion = result
-        return loaded[mode, preset]
-
-    yield get_model
-    for model in loaded.values():
-        model.close()
 
 
 def images_processor(checkpoint: Path, mode: str, upsize: str) -> PublishedImageProcessor:
@@ -161,19 +125,8 @@ def test_family_is_detected_and_converted_with_its_defaults(checkpoint: Path, ru
 @pytest.mark.parametrize("mode", ["4x", "16x"])
 @pytest.mark.parametrize("upsize", ["always", "never"])
 def test_layout_matches_published_processor(mode: str, upsize: str, checkpoint: Path, runtime) -> None:  # noqa: ANN001
-    model = runtime(mode, "f16")
-    vision = CountingVision(model.vision)
-    published = processor(checkpoint, mode, upsize)
-    tokenizer = published.tokenizer
-    prompt = one_image_prompt(tokenizer, QUESTION)
-    for name, size in SIZES.items():
-        image = random_image(size, 1)
-        for max_slice_nums in (1, 4, 9, 16):
-            items, _ = model.prompt.build([{"role": "user", "content": [image, QUESTION]}], vision,
-                                          max_slice_nums=max_slice_nums, small_image_upsize=upsize)
-            expected = published(text=[prompt], images=[image], max_slice_nums=max_slice_nums, return_tensors="np")
-            assert image_ids(items, tokenizer.image_token_id) == expected["input_ids"][0].tolist(), \
-                (name, max_slice_nums)
+    assert_layout_matches(runtime(mode, "f16"), processor(checkpoint, mode, upsize), SIZES, QUESTION,
+                          small_image_upsize=upsize)
 
 
 @pytest.mark.parametrize("mode", ["4x", "16x"])
@@ -289,6 +242,19 @@ def _logits_and_greedy(model, reference, checkpoint: Path, mode: str, upsize: st
 def test_logits_and_greedy_generation_match_transformers(upsize: str, size: tuple[int, int], checkpoint: Path,
                                                          reference, runtime) -> None:  # noqa: ANN001
     _logits_and_greedy(runtime("4x", "f32"), reference, checkpoint, "4x", upsize, random_image(size, 3))
+
+
+def test_follow_up_turn_equals_a_fresh_model_and_transformers(checkpoint: Path, reference, runtime) -> None:  # noqa: ANN001
+    """A second turn (a new page) after a cached first one: what a fresh model and transformers give."""
+    follow_up, reused, items = follow_up_turn(runtime("4x", "f32"), (300, 700), QUESTION)
+    ids = torch.tensor([image_ids(items, reference.config.image_token_id)])
+    images = message_images(follow_up)
+    pixels = images_processor(checkpoint, "4x", "always")(images, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, pixel_values=pixels["pixel_values"],
+                                      target_sizes=pixels["target_sizes"], downsample_mode="4x", max_new_tokens=8,
+                                      do_sample=False)[0]
+    assert reused == expected[ids.shape[1]:].tolist()
 
 
 def _copy_with(checkpoint: Path, out: Path, preprocessor: dict | None = None) -> Path:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from official import (assert_piece_features_match, image_ids, one_image_prompt, published_processor_class,
-                      random_image)
+from official import (assert_piece_features_match, image_ids, image_prompt, one_image_prompt,
+                      published_processor_class, random_image)
 from test_convert import assert_clean_failure, broken_copy, edit_config, run_cli
 
 from minicpmv_edge.convert import convert_checkpoint
@@ -117,9 +117,7 @@ def test_logits_and_greedy_generation_match_transformers(mode: str, checkpoint: 
                                                          runtime) -> None:  # noqa: ANN001
     model = runtime(mode, "f32")
     image = random_image((700, 500), 3)
-    msgs = [{"role": "user", "content": [image, QUESTION]}]
-    items, _ = model.prepare(msgs)
-    ids = torch.tensor([image_ids(items, reference.config.image_token_id)])
+    msgs, items, ids = image_prompt(model, reference.config.image_token_id, image, QUESTION)
     pixels = MiniCPMV4_6ImageProcessorPil.from_pretrained(checkpoint, downsample_mode=mode)(image, return_tensors="pt")
     inputs = dict(pixel_values=pixels["pixel_values"], target_sizes=pixels["target_sizes"], downsample_mode=mode)
     with torch.no_grad():

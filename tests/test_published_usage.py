@@ -248,7 +248,7 @@ def test_generation_keywords_override_the_published_sampling(model) -> None:
 
 @pytest.mark.parametrize(("msgs", "kwargs", "needle"), [
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"answer": 1}]}], {},
-     "message 2 (assistant): a content part of type dict is neither text nor an image"),
+     "message 2 (assistant): a content part of type dict is neither text, an image nor a video"),
     ([{"role": "robot", "content": "Hi"}], {}, "role must be user, assistant or system"),
     ([], {}, "msgs is empty"),
     ("not json", {}, "msgs is a string but not JSON"),

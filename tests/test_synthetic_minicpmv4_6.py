@@ -62,9 +62,10 @@ def _prefix(key: str) -> str:
 
 def test_families_exported() -> None:
     assert VARIANTS == ["minicpm-v-4.6", "minicpm-v-4.6-thinking"]
-    # 4.6-Thinking is a variant, not a family; MiniCPM-OCR shares the projector and comes after 4.6 (a pair
-    # without our family key reads as 4.6).
-    assert [f.key for f in families() if f.projector == "minicpmv4_6"] == ["minicpm-v-4.6", "minicpm-ocr-1.0"]
+    # 4.6-Thinking is a variant, not a family; MiniCPM-OCR and 4.7 share the projector and come after 4.6 (a
+    # pair without our family key reads as 4.6).
+    assert [f.key for f in families() if f.projector == "minicpmv4_6"] == ["minicpm-v-4.6", "minicpm-ocr-1.0",
+                                                                          "minicpm-v-4.7"]
     assert sum(PUBLISHED_PREFIX_COUNTS.values()) == 779
     # The published per-layer tensor counts reproduce the published totals.
     assert 27 * PER_VIT_LAYER == 432 and 18 * PER_LINEAR_LAYER + 6 * PER_FULL_LAYER == 318
