@@ -127,6 +127,7 @@ class Scheduler:
         self._submitted: queue.Queue[Handle] = queue.Queue(maxsize=max_queue)
         self._prepared: queue.Queue[_Prepared] = queue.Queue(maxsize=n_parallel)
         self._active: list[_Active] = []
+        self._held: _Prepared | None = None  # waits for every sequence to be idle so the context can grow
         self._last_used = [0.0] * n_parallel
         self._stopping = threading.Event()
         self._threads = [threading.Thread(target=self._prepare_loop, name="minicpmv-prepare", daemon=True),
@@ -160,6 +161,8 @@ class Scheduler:
         closed = SchedulerClosed("the scheduler was closed before the answer finished")
         for active in self._active:
             self._finish(active, closed)
+        if self._held is not None:
+            self._held.handle._put(closed)
         for waiting in (self._prepared, self._submitted):
             while not waiting.empty():
                 job = waiting.get_nowait()
@@ -222,19 +225,29 @@ class Scheduler:
         return False
 
     def _admit(self) -> None:
-        """Give waiting requests the free sequences; wait a little for one when nothing is active."""
+        """Give waiting requests the free sequences; wait a little for one when nothing is active. A request
+        whose prompt and answer need more than a sequence holds waits, admitting no other, until every sequence
+        is idle; then the context grows for all of them (rebuilding it drops their caches)."""
         while len(self._active) < self.n_parallel:
-            try:
-                job = self._prepared.get(timeout=_IDLE_WAIT_S) if not self._active else self._prepared.get_nowait()
-            except queue.Empty:
-                return
+            job, self._held = self._held, None
+            if job is None:
+                try:
+                    job = (self._prepared.get(timeout=_IDLE_WAIT_S) if not self._active
+                           else self._prepared.get_nowait())
+                except queue.Empty:
+                    return
             if job.handle.cancelled:
                 continue
-            slot = self._free_slot(job.items)
+            needed = len(job.items) + job.handle.request.max_new_tokens
+            if needed > self.engine.n_ctx and self._active:
+                self._held = job
+                return
             try:
+                self.engine.reserve(needed, all_idle=True)
                 if len(job.items) >= self.engine.n_ctx:
                     raise EngineError(f"the prompt needs {len(job.items)} positions; a sequence holds "
                                       f"{self.engine.n_ctx}")
+                slot = self._free_slot(job.items)
                 start = self.engine.rewind(slot, job.items, job.embeddings, job.plan)
             except EngineError as e:
                 job.handle._put(e)

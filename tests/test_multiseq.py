@@ -147,6 +147,21 @@ def test_cancelled_sequence_leaves_the_others_unaffected_and_frees_its_slot(fami
 
 
 @pytest.mark.parametrize("key", ["minicpm-v-4.5", "minicpm-v-4.6"])
+def test_a_prompt_longer_than_a_sequence_waits_for_idle_sequences_and_grows_the_context(key: str, family_model) -> None:  # noqa: ANN001
+    model = family_model(key)
+    long_text = " ".join(f"line {i} of a long page." for i in range(80))
+    chats = conversations() + [([{"role": "user", "content": [picture((300, 200), 4), long_text]}], 12)]
+    expected = [alone(model, msgs, n) for msgs, n in chats]
+    lengths = [len(model.prepare(msgs, **PROMPT)[0]) + n for msgs, n in chats]
+    with Scheduler(model, n_parallel=2, n_ctx=min(lengths)) as scheduler:
+        # llama.cpp pads a sequence's cells (to 256 here): the last request must still not fit.
+        assert min(lengths) <= scheduler.engine.n_ctx < max(lengths)
+        handles = [scheduler.submit(request(msgs, n)) for msgs, n in chats]
+        assert [[r.token for r in handle] for handle in handles] == expected
+        assert scheduler.engine.n_ctx >= max(lengths)
+
+
+@pytest.mark.parametrize("key", ["minicpm-v-4.5", "minicpm-v-4.6"])
 def test_follow_up_turn_reuses_its_prefix_beside_other_sequences(key: str, family_model, monkeypatch) -> None:  # noqa: ANN001
     model = family_model(key)
     chats = conversations()
