@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ocr import CLI, document_page  # noqa: E402 - bench/ocr.py: the generated document pages
 from report import save  # noqa: E402 - bench/report.py
 
-from minicpmv_edge.common.platform import cpu_flags, proc_status_kib  # noqa: E402
+from minicpmv_edge.common.platform import proc_status_kib  # noqa: E402
 from minicpmv_edge.common.system import address_space_peak_rss_bytes  # noqa: E402
 
 FAMILY = "minicpm-v-4.5"

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ocr import document_page  # noqa: E402 - bench/ocr.py's generated pages
-from report import save  # noqa: E402 - bench/report.py
+from pairs import gguf_dir  # noqa: E402 - bench/pairs.py
+from report import child_result, save  # noqa: E402 - bench/report.py
 from runtime import engine_table  # noqa: E402 - bench/runtime.py
 
 from minicpmv_edge.common.system import address_space_peak_rss_bytes  # noqa: E402
@@ -31,17 +31,9 @@ from minicpmv_edge.common.system import address_space_peak_rss_bytes  # noqa: E4
 MODELS = {"minicpm-ocr-1.0": "MiniCPM-OCR 1.0 (4x)", "minicpm-v-4.6": "MiniCPM-V 4.6 (16x)"}
 
 
-def prepare(workdir: Path, family: str, size: str) -> Path:
-    """The checkpoint of `family` at `size` and its Q4_K_M conversion (the checkpoint's default mmproj), once."""
-    from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.synthetic import make_checkpoint
-
-    checkpoint, gguf_dir = workdir / f"{family}-{size}", workdir / f"{family}-{size}-q4_k_m"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint(family, checkpoint, size=size)
-    if len(list(gguf_dir.glob("*.gguf"))) != 2:
-        convert_checkpoint(checkpoint, gguf_dir, "q4_k_m")
-    return gguf_dir
+def prepare(family: str, size: str) -> Path:
+    """`family`'s Q4_K_M conversion at `size` (the checkpoint's default mmproj)."""
+    return gguf_dir(family, size)
 
 
 def make_pages(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -110,17 +102,14 @@ def main() -> None:
     size = "tiny" if args.tiny else "full"
     engines = {}
     for family, label in MODELS.items():
-        model_dir = prepare(args.workdir, family, size)
+        model_dir = prepare(family, size)
         command = [sys.executable, __file__, "--workdir", str(args.workdir), "--pages", str(args.pages),
                    "--page-size", args.page_size, "--max-new-tokens", str(args.max_new_tokens),
                    "--parallel", str(args.parallel),
                    "--child", str(model_dir), str(args.workdir / f"{family}-{size}.jsonl")]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")
-        engines[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        engines[label] = child_result(label, command)
         if engines[label]["pages_done"] != args.pages:
             raise SystemExit(f"{label}: {engines[label]['pages_done']} of {args.pages} pages done; see "
                              f"{args.workdir / f'{family}-{size}.jsonl'}")

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import save  # noqa: E402 - bench/report.py
+from report import child_result, save  # noqa: E402 - bench/report.py
 from runtime import QUESTION, bench_image, engine_table, run_ours  # noqa: E402 - bench/runtime.py, the same image and prompt
 
 from minicpmv_edge.common.system import address_space_peak_rss_bytes, default_threads  # noqa: E402
@@ -161,11 +160,7 @@ def main() -> None:
     for engine in ENGINES:
         command = [sys.executable, __file__, "--workdir", str(args.workdir), "--child", engine,
                    "--max-new-tokens", str(args.max_new_tokens)]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{engine} failed:\n{proc.stderr[-2000:]}")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(engine, results[engine], flush=True)
+        results[engine] = child_result(engine, command)
     result = {"max_new_tokens": args.max_new_tokens, "engines": results,
               "gguf_bytes": sum(p.stat().st_size for p in gguf_dir.glob("*.gguf"))}
     save("minicpm-v-4.6-full-q4_k_m", result, markdown)

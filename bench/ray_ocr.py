@@ -5,7 +5,7 @@ start excluded; those are given apart), so `local / ray, 1 worker` is the overhe
 renders, PNG-encodes and ships every page, the record travels back) and `2 workers / 1 worker` its scaling.
 
     python bench/ray_ocr.py --size tiny --rounds 3                         # smoke run
-    python bench/ray_ocr.py --size full --workdir46 /tmp/minicpmv-bench46  # bench/minicpmv4_6.py's workdir
+    python bench/ray_ocr.py --size full                                    # the full-size pair of bench/pairs.py
 """
 
 from __future__ import annotations
@@ -16,22 +16,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minicpmv4_6 import FAMILY, gguf_pair, prepare  # noqa: E402 - bench/minicpmv4_6.py
+from pairs import gguf_dir  # noqa: E402 - bench/pairs.py
 from ocr import make_corpus  # noqa: E402 - bench/ocr.py
 
+from minicpmv_edge.runtime.pair import resolve_pair  # noqa: E402
 from minicpmv_edge.runtime.ocr import OcrOptions, run_batch  # noqa: E402
 from report import save  # noqa: E402 - bench/report.py
 
-
-def tiny_pair(workdir: Path) -> list[Path]:
-    from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.synthetic import make_checkpoint
-
-    checkpoint, gguf_dir = workdir / "tiny-checkpoint", workdir / "tiny-q4_k_m"
-    if not list(gguf_dir.glob("*.gguf")):
-        make_checkpoint(FAMILY, checkpoint, size="tiny", seed=0)
-        convert_checkpoint(checkpoint, gguf_dir, "q4_k_m")
-    return list(gguf_pair(gguf_dir, "16x"))
+FAMILY = "minicpm-v-4.6"
 
 
 def timed_job(model: object, inputs: list[str], output: Path, options: OcrOptions) -> dict:
@@ -47,8 +39,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("tiny", "full"), required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/minicpmv-bench-ray"))
-    parser.add_argument("--workdir46", type=Path, default=Path("/tmp/minicpmv-bench46"),
-                        help="bench/minicpmv4_6.py's workdir (the full-size checkpoint and its conversion)")
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--pdf-pages", type=int, default=4)
     parser.add_argument("--page-size", default="448x448", help="WxH of the generated pages")
@@ -60,7 +50,7 @@ def main() -> None:
 
     from minicpmv_edge.runtime.ray_ocr import RayPool
 
-    model = tiny_pair(args.workdir) if args.size == "tiny" else list(gguf_pair(prepare(args.workdir46)[1], "16x"))
+    model = list(resolve_pair(gguf_dir(FAMILY, args.size)))
     images, pdf = make_corpus(args.workdir / "pages", args.images, args.pdf_pages,
                               tuple(int(v) for v in args.page_size.split("x")))
     inputs, options = [*map(str, images), str(pdf)], OcrOptions(max_new_tokens=args.max_new_tokens)

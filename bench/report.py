@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,3 +27,14 @@ def save(stem: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]],
     (RESULTS / f"{stem}.json").write_text(json.dumps(stamped, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)
+
+
+def child_result(label: str, command: list[str]) -> dict[str, Any]:
+    """Run one measured flow in its own process (its own peak RSS, nothing warm from the others) and return the
+    JSON object it prints last; a failed flow ends the benchmark with its stderr's tail."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{label} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(label, result, flush=True)
+    return result

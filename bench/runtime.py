@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from minicpmv_edge.common.system import address_space_peak_rss_bytes, children_peak_rss_bytes, default_threads
-from report import save  # bench/report.py
+from report import child_result, save  # bench/report.py
 
 QUESTION = "Describe this picture in detail."
 
@@ -149,10 +149,7 @@ def main() -> None:
                    "--max-new-tokens", str(args.max_new_tokens), "--n-ctx", str(args.n_ctx)]
         if args.mtmd_cli:
             command += ["--mtmd-cli", args.mtmd_cli]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{engine} failed:\n{proc.stderr[-2000:]}")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[engine] = child_result(engine, command)
     label = args.label or args.model_dir.name
     result = {"label": label, "max_new_tokens": args.max_new_tokens, "n_ctx": args.n_ctx,
               "gguf_bytes": sum(p.stat().st_size for p in args.model_dir.glob("*.gguf")), "engines": results}

@@ -32,6 +32,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pairs import gguf_dir  # noqa: E402 - bench/pairs.py
 from report import save  # noqa: E402 - bench/report.py
 
 from minicpmv_edge.runtime.ocr import PROMPTS  # noqa: E402
@@ -56,16 +57,10 @@ def dense_page(seed: int) -> Image.Image:
     return page
 
 
-def prepare_model(workdir: Path, family: str, size: str, preset: str) -> tuple[Path, Path]:
-    from minicpmv_edge.convert import convert_checkpoint
+def prepare_model(family: str, size: str, preset: str) -> tuple[Path, Path]:
     from minicpmv_edge.runtime.pair import resolve_pair
-    from minicpmv_edge.synthetic import make_checkpoint
 
-    out = workdir / f"{family}-{size}-{preset}"
-    if not out.exists():
-        checkpoint = make_checkpoint(family, workdir / f"checkpoint-{family}-{size}", size=size)
-        convert_checkpoint(checkpoint, out, preset)
-    return resolve_pair(out)
+    return resolve_pair(gguf_dir(family, size, preset))
 
 
 def peak_rss_of(process: subprocess.Popen, peak: list[float], stop: threading.Event) -> None:
@@ -223,7 +218,7 @@ def main() -> None:
     parallel = [int(n) for n in args.parallel.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model, mmproj = prepare_model(args.workdir, args.family, args.size, args.preset)
+    model, mmproj = prepare_model(args.family, args.size, args.preset)
     pages = []
     for i in range(args.pages):
         path = args.workdir / "pages" / f"dense{i:03d}.png"

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import save  # noqa: E402 - bench/report.py
+from pairs import gguf_dir  # noqa: E402 - bench/pairs.py
+from report import child_result, save  # noqa: E402 - bench/report.py
 from runtime import engine_table  # noqa: E402 - bench/runtime.py
 
 from minicpmv_edge.common.system import address_space_peak_rss_bytes, rusage_peak_bytes  # noqa: E402
@@ -63,18 +64,8 @@ def write_clip(path: Path) -> Path:
 
 
 def prepare(workdir: Path, size: str) -> dict[str, Path]:
-    """Checkpoints and their Q4_K_M conversions (made once), and the clip."""
-    from minicpmv_edge.convert import convert_checkpoint
-    from minicpmv_edge.synthetic import make_checkpoint
-
-    folders = {}
-    for family in sorted({family for family, _ in ENGINES.values()}):
-        checkpoint, gguf_dir = workdir / size / family / "checkpoint", workdir / size / family / "q4_k_m"
-        if not (checkpoint / "config.json").exists():
-            make_checkpoint(family, checkpoint, size=size)
-        if not list(gguf_dir.glob("mmproj-*.gguf")):
-            convert_checkpoint(checkpoint, gguf_dir, "q4_k_m")
-        folders[family] = gguf_dir
+    """The families' Q4_K_M conversions (bench/pairs.py) and the clip."""
+    folders = {family: gguf_dir(family, size) for family in sorted({family for family, _ in ENGINES.values()})}
     if not (workdir / "clip.mp4").exists():
         write_clip(workdir / "clip.mp4")
     return folders
@@ -207,11 +198,7 @@ def main() -> None:
     for engine in args.engines.split(","):
         command = [sys.executable, __file__, "--workdir", str(args.workdir), "--size", args.size, "--child", engine,
                    "--max-new-tokens", str(args.max_new_tokens)]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{engine} failed:\n{proc.stderr[-2000:]}")
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(engine, results[engine], flush=True)
+        results[engine] = child_result(engine, command)
     save(f"video-{args.size}-q4_k_m", {"size": args.size, "max_new_tokens": args.max_new_tokens, "engines": results},
          markdown)
 

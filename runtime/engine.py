@@ -240,20 +240,18 @@ class Engine:
         del sequence.history[common:]
         return common
 
-    def reserve(self, positions: int, *, all_idle: bool = False) -> None:
-        """Grow the context before a prompt and its answer need it, so it is not rebuilt mid-answer (with
-        several sequences, only when the caller knows none is in use: `all_idle`)."""
+    def reserve(self, positions: int) -> None:
+        """Grow the context before a prompt and its answer need it, so it is not rebuilt mid-answer."""
         limit = llama_cpp.llama_model_n_ctx_train(self.model)
         if positions >= self.n_ctx and self.n_ctx < limit:
-            self._grow(min(positions, limit - 1), all_idle=all_idle)
+            self._grow(min(positions, limit - 1))
 
-    def _grow(self, needed: int, *, all_idle: bool = False) -> None:
-        """A larger context for every sequence. Rebuilding drops every sequence's cache, so with several
-        sequences only a caller that knows none of them is in use (`all_idle`) may grow it."""
+    def _grow(self, needed: int) -> None:
+        """A larger context: only with one sequence (rebuilding would drop every other sequence's cache)."""
         limit = llama_cpp.llama_model_n_ctx_train(self.model)
         if needed >= limit:
             raise EngineError(f"the prompt needs {needed} positions; the model's context holds {limit}")
-        if len(self.slots) > 1 and not all_idle:
+        if len(self.slots) > 1:
             raise EngineError(f"the prompt needs {needed} positions; a sequence holds {self.n_ctx}")
         size = self.n_ctx
         while size <= needed:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import llama_cpp
 import numpy as np
 
 from .engine import EngineError, PositionPlan, Run, Sampling, SequenceSlot
@@ -32,12 +33,20 @@ DEFAULT_QUEUE = 64
 _IDLE_WAIT_S = 0.05  # how long an idle thread waits before looking at the stop flag again
 
 
+def n_ctx_train(model: Model) -> int:
+    return llama_cpp.llama_model_n_ctx_train(model.engine.model)
+
+
 class QueueFull(EngineError):
     """The scheduler already holds as many waiting requests as its queue bound allows."""
 
 
 class SchedulerClosed(EngineError):
     """The scheduler was closed before the request finished."""
+
+
+class ContextFull(EngineError):
+    """The prompt (or, where the request asks, prompt and answer) needs more positions than a sequence may hold."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class GenerationRequest:
     max_new_tokens: int = 512
     sampling: Sampling = Sampling()
     prompt: Mapping[str, Any] = field(default_factory=dict)
+    answer_must_fit: bool = False  # refuse (ContextFull) rather than end the answer early when the context is full
 
 
 _END = object()  # ends a handle's records without a finish reason (cancelled, or the scheduler closed)
@@ -117,11 +127,15 @@ class Scheduler:
     open, the model's own `stream_generate`/`chat` must not be used; `close()` gives the engine back as one
     sequence. A context manager."""
 
-    def __init__(self, model: Model, *, n_parallel: int, n_ctx: int = DEFAULT_CONTEXT,
+    def __init__(self, model: Model, *, n_parallel: int, n_ctx: int = DEFAULT_CONTEXT, max_ctx: int | None = None,
                  max_queue: int = DEFAULT_QUEUE):
+        """`n_ctx` positions per sequence to start with; a request needing more makes every sequence grow
+        (doubling) up to `max_ctx` (default: the model's training context; a server that promises a context passes
+        it, so nothing grows)."""
         if n_parallel < 1:
             raise ValueError(f"n_parallel must be at least 1, not {n_parallel}")
         self.model, self.engine = model, model.engine
+        self._max_ctx = min(max_ctx or n_ctx_train(model), n_ctx_train(model))
         self._single_ctx = self.engine.n_ctx
         self.engine.configure(n_ctx=n_ctx, n_seq_max=n_parallel)
         self._submitted: queue.Queue[Handle] = queue.Queue(maxsize=max_queue)
@@ -238,21 +252,30 @@ class Scheduler:
                     return
             if job.handle.cancelled:
                 continue
-            needed = len(job.items) + job.handle.request.max_new_tokens
-            if needed > self.engine.n_ctx and self._active:
-                self._held = job
-                return
+            request = job.handle.request
+            needed = len(job.items) + request.max_new_tokens
+            if needed > self.engine.n_ctx and self.engine.n_ctx < self._max_ctx:
+                if self._active:
+                    self._held = job
+                    return
+                self._grow(needed)
             try:
-                self.engine.reserve(needed, all_idle=True)
-                if len(job.items) >= self.engine.n_ctx:
-                    raise EngineError(f"the prompt needs {len(job.items)} positions; a sequence holds "
-                                      f"{self.engine.n_ctx}")
+                if len(job.items) >= self.engine.n_ctx or (request.answer_must_fit and needed > self.engine.n_ctx):
+                    raise ContextFull(f"the prompt needs {len(job.items)} positions and the answer up to "
+                                      f"{request.max_new_tokens} more; a sequence holds {self.engine.n_ctx}")
                 slot = self._free_slot(job.items)
                 start = self.engine.rewind(slot, job.items, job.embeddings, job.plan)
             except EngineError as e:
                 job.handle._put(e)
                 continue
             self._active.append(_Active(job, slot, start, time.perf_counter()))
+
+    def _grow(self, needed: int) -> None:
+        """Rebuild the context with longer sequences (every cache is dropped: only while none is active)."""
+        size = self.engine.n_ctx
+        while size < needed:
+            size *= 2
+        self.engine.configure(n_ctx=min(size, self._max_ctx), n_seq_max=self.n_parallel)
 
     def _free_slot(self, items: Sequence[PromptItem]) -> SequenceSlot:
         """The free sequence whose cache holds most of `items` as a prefix when that is over half of them (a

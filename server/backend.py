@@ -15,7 +15,8 @@ from typing import Any, Callable, Union
 import llama_cpp
 
 from minicpmv_edge.runtime import GenerationResponse, Model
-from minicpmv_edge.runtime.scheduler import GenerationRequest, Handle, QueueFull, Scheduler, SchedulerClosed
+from minicpmv_edge.runtime.scheduler import (ContextFull, GenerationRequest, Handle, QueueFull, Scheduler,
+                                             SchedulerClosed)
 
 from .errors import ContextLimitError, QueueFullError
 from .protocol import GenerationJob
@@ -69,13 +70,17 @@ class EngineBackend:
         self.model_id = model_id(model)
         self.parallel, self.max_queue, self.default_max_tokens = parallel, max_queue, default_max_tokens
         self.context = min(context, llama_cpp.llama_model_n_ctx_train(model.engine.model))
-        self.scheduler = Scheduler(model, n_parallel=parallel, n_ctx=self.context, max_queue=max_queue)
+        self.scheduler = Scheduler(model, n_parallel=parallel, n_ctx=self.context, max_ctx=self.context,
+                                   max_queue=max_queue)
         self._lock = threading.Lock()
         self._requests = 0
 
     def submit(self, job: GenerationJob, loop: asyncio.AbstractEventLoop) -> Ticket:
+        # An explicit max_tokens must fit beside the prompt (refused before any decoding); the default one
+        # ends early where the context is full.
         request = GenerationRequest(job.msgs, job.max_tokens or self.default_max_tokens, job.sampling,
-                                    {"enable_thinking": job.enable_thinking, "max_slice_nums": job.max_slice_nums})
+                                    {"enable_thinking": job.enable_thinking, "max_slice_nums": job.max_slice_nums},
+                                    answer_must_fit=job.max_tokens is not None)
         try:
             handle = self.scheduler.submit(request)
         except QueueFull:
@@ -100,21 +105,15 @@ class EngineBackend:
         try:
             for number, record in enumerate(handle):
                 if number == 0:
-                    self._check_room(ticket.job, record.prompt_tokens, handle)
                     ticket.emit(Started(record.prompt_tokens))
                 ticket.emit(record)
         except SchedulerClosed:
             ticket.emit(QueueFullError("the server is shutting down"))
+        except ContextFull as error:
+            ticket.emit(ContextLimitError(f"{error}; ask for fewer max_tokens"))
         except Exception as error:  # noqa: BLE001 - the request's failure is its client's answer
             ticket.emit(error)
         finally:
             with self._lock:
                 self._requests -= 1
         ticket.emit(DONE)
-
-    def _check_room(self, job: GenerationJob, prompt_tokens: int, handle: Handle) -> None:
-        """An explicit max_tokens must fit beside the prompt (the scheduler would end the answer early)."""
-        if job.max_tokens is not None and prompt_tokens + job.max_tokens > self.context:
-            handle.cancel()
-            raise ContextLimitError(f"the prompt takes {prompt_tokens} tokens and max_tokens is {job.max_tokens}: "
-                                    f"together more than the server's context of {self.context}")

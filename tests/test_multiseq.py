@@ -14,7 +14,7 @@ from PIL import Image
 
 from minicpmv_edge.runtime import Sampling, load
 from minicpmv_edge.runtime.model import Model
-from minicpmv_edge.runtime.scheduler import GenerationRequest, Scheduler
+from minicpmv_edge.runtime.scheduler import ContextFull, GenerationRequest, Scheduler
 
 
 def picture(size: tuple[int, int], seed: int) -> Image.Image:
@@ -159,6 +159,20 @@ def test_a_prompt_longer_than_a_sequence_waits_for_idle_sequences_and_grows_the_
         handles = [scheduler.submit(request(msgs, n)) for msgs, n in chats]
         assert [[r.token for r in handle] for handle in handles] == expected
         assert scheduler.engine.n_ctx >= max(lengths)
+
+
+def test_a_capped_context_does_not_grow_and_refuses_an_answer_that_must_fit(family_model) -> None:  # noqa: ANN001
+    model = family_model("minicpm-v-4.5")
+    msgs, n = conversations()[1]
+    with Scheduler(model, n_parallel=2, n_ctx=256, max_ctx=256) as scheduler:
+        prompt = len(model.prepare(msgs, **PROMPT)[0])
+        longest = scheduler.engine.n_ctx - prompt
+        fixed_length = Sampling(ignore_eos=True)
+        ended = [r for r in scheduler.submit(GenerationRequest(msgs, longest + 40, fixed_length, PROMPT))]
+        assert len(ended) == longest and ended[-1].finish_reason == "length"
+        with pytest.raises(ContextFull):
+            list(scheduler.submit(GenerationRequest(msgs, longest + 40, fixed_length, PROMPT, answer_must_fit=True)))
+        assert scheduler.engine.n_ctx == 256
 
 
 @pytest.mark.parametrize("key", ["minicpm-v-4.5", "minicpm-v-4.6"])
