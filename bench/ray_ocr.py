@@ -30,7 +30,9 @@ def timed_job(model: object, inputs: list[str], output: Path, options: OcrOption
     for stale in (output, output.with_name(output.name + ".sqlite")):
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
-    summary = run_batch(model, inputs, output, options, n_threads=1)
+    # parallel=1: one page at a time on one thread, as each Ray worker runs them (with --parallel N the local
+    # job overlaps one page's vision encoding with another's decoding on a second thread).
+    summary = run_batch(model, inputs, output, options, n_threads=1, parallel=1)
     assert summary.failed == 0, f"{summary.failed} pages failed"
     return {"pages_per_min": summary.pages_per_min, "wall_seconds": round(time.perf_counter() - started, 1)}
 

@@ -246,10 +246,12 @@ def local_runner(model: Model, options: OcrOptions) -> PageRunner:
     return lambda tasks: ((task, *ocr_page(model, task, options)) for task in tasks)
 
 
-# Pages in flight together on one context by default (`--parallel`). Provisional: 2 sequences decode one batch
-# (the weights read once for both) while the next page's pieces are encoded beside them; the full-size
-# benchmark (bench/throughput.py, `minicpmv ocr --parallel 1..4`) is what chooses the final value.
-DEFAULT_PARALLEL = 2
+# Pages in flight together on one context by default (`--parallel`). Measured (bench/results/
+# throughput-minicpm-v-4.6-full-q4_k_m.md, 2 cores, AVX-512 + AMX, full-size 4.6 Q4_K_M, dense pages, 256 tokens):
+# --parallel 1..4 gave 1.36, 1.33, 1.36, 1.34 pages/min, the RSS growing by ~60 MB per sequence. Vision encoding
+# is most of a page and gains nothing from batching; overlapping it with decoding on the same two cores gains
+# nothing either. So one page at a time, on the single-sequence engine, until a measurement says otherwise.
+DEFAULT_PARALLEL = 1
 
 
 def parallel_runner(model: Model, options: OcrOptions, n_parallel: int) -> PageRunner:
