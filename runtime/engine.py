@@ -73,6 +73,14 @@ class SequenceSlot:
     plan: PositionPlan | None = None
     logits_index: int = -1  # index in the last decoded batch of this sequence's newest item
 
+    def shared_prefix(self, items: Sequence[object], limit: int | None = None) -> int:
+        """How many leading `items` the sequence's cache already holds (at most `limit`)."""
+        limit = min(len(self.history), len(items)) if limit is None else limit
+        common = 0
+        while common < limit and self.history[common] == items[common]:
+            common += 1
+        return common
+
 
 @dataclass(frozen=True)
 class Run:
@@ -226,10 +234,7 @@ class Engine:
         if len(items) > self.n_ctx:
             raise EngineError(f"the prompt needs {len(items)} positions; a sequence holds {self.n_ctx}")
         sequence.embeddings, sequence.plan = embeddings, plan
-        common = 0
-        limit = min(len(sequence.history), len(items) - 1)
-        while common < limit and sequence.history[common] == items[common]:
-            common += 1
+        common = sequence.shared_prefix(items, min(len(sequence.history), len(items) - 1))
         memory = llama_cpp.llama_get_memory(self.ctx)
         if not llama_cpp.llama_memory_seq_rm(memory, sequence.seq_id, common, -1):
             # A recurrent state (Qwen3.5's linear-attention layers) cannot always be rewound to an earlier

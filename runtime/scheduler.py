@@ -33,10 +33,6 @@ DEFAULT_QUEUE = 64
 _IDLE_WAIT_S = 0.05  # how long an idle thread waits before looking at the stop flag again
 
 
-def n_ctx_train(model: Model) -> int:
-    return llama_cpp.llama_model_n_ctx_train(model.engine.model)
-
-
 class QueueFull(EngineError):
     """The scheduler already holds as many waiting requests as its queue bound allows."""
 
@@ -135,7 +131,8 @@ class Scheduler:
         if n_parallel < 1:
             raise ValueError(f"n_parallel must be at least 1, not {n_parallel}")
         self.model, self.engine = model, model.engine
-        self._max_ctx = min(max_ctx or n_ctx_train(model), n_ctx_train(model))
+        trained = llama_cpp.llama_model_n_ctx_train(model.engine.model)
+        self._max_ctx = min(max_ctx or trained, trained)
         self._single_ctx = self.engine.n_ctx
         self.engine.configure(n_ctx=n_ctx, n_seq_max=n_parallel)
         self._submitted: queue.Queue[Handle] = queue.Queue(maxsize=max_queue)
@@ -283,17 +280,8 @@ class Scheduler:
         their own follow-ups)."""
         busy = {active.slot.seq_id for active in self._active}
         free = [slot for slot in self.engine.slots if slot.seq_id not in busy]
-
-        def shared(slot: SequenceSlot) -> int:
-            n = 0
-            for held, wanted in zip(slot.history, items):
-                if held != wanted:
-                    break
-                n += 1
-            return n
-
-        best = max(free, key=shared)
-        if 2 * shared(best) > len(items):
+        best = max(free, key=lambda slot: slot.shared_prefix(items))
+        if 2 * best.shared_prefix(items) > len(items):
             return best
         return min(free, key=lambda slot: self._last_used[slot.seq_id])
 
