@@ -23,7 +23,9 @@ import os
 import queue
 import socket
 import subprocess
+import statistics
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -80,10 +82,16 @@ class Watched:
     """A child process with its peak RSS followed."""
 
     def __init__(self, command: list[str], **kwargs: object):
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+        # stderr into a file: a pipe nobody reads would block a chatty server once its buffer is full
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, **kwargs)
         self.peak, self._stop = [0.0], threading.Event()
         self._thread = threading.Thread(target=peak_rss_of, args=(self.process, self.peak, self._stop), daemon=True)
         self._thread.start()
+
+    def log_tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-2000:]
 
     def wait(self) -> int:
         code = self.process.wait()
@@ -111,7 +119,7 @@ def wait_healthy(port: int, server: Watched, timeout_s: float = 900) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.process.stderr.read().decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"the server exited: {server.log_tail()}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
                 if response.status == 200:
@@ -122,7 +130,9 @@ def wait_healthy(port: int, server: Watched, timeout_s: float = 900) -> None:
     raise RuntimeError("the server did not become healthy")
 
 
-def chat_request(port: int, page: Path, new_tokens: int) -> None:
+def chat_request(port: int, page: Path, new_tokens: int) -> float:
+    """The request's seconds, from sending it to its whole answer."""
+    started = time.perf_counter()
     image = base64.b64encode(page.read_bytes()).decode()
     body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [
@@ -134,14 +144,17 @@ def chat_request(port: int, page: Path, new_tokens: int) -> None:
         usage = json.load(response).get("usage", {})
     if usage.get("completion_tokens") not in (None, new_tokens):
         raise RuntimeError(f"the server generated {usage['completion_tokens']} tokens, not {new_tokens}")
+    return time.perf_counter() - started
 
 
-def drive(port: int, pages: list[Path], clients: int, new_tokens: int) -> float:
-    """`clients` threads taking pages from one queue; the seconds until every page is answered."""
+def drive(port: int, pages: list[Path], clients: int, new_tokens: int) -> tuple[float, list[float]]:
+    """`clients` threads taking pages from one queue: the seconds until every page is answered, and each
+    request's seconds."""
     todo: queue.Queue[Path] = queue.Queue()
     for page in pages:
         todo.put(page)
     errors: list[BaseException] = []
+    latencies: list[float] = []
 
     def client() -> None:
         while True:
@@ -150,7 +163,7 @@ def drive(port: int, pages: list[Path], clients: int, new_tokens: int) -> float:
             except queue.Empty:
                 return
             try:
-                chat_request(port, page, new_tokens)
+                latencies.append(chat_request(port, page, new_tokens))
             except BaseException as e:  # noqa: BLE001 - reported after the run
                 errors.append(e)
 
@@ -162,7 +175,7 @@ def drive(port: int, pages: list[Path], clients: int, new_tokens: int) -> float:
         thread.join()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, latencies
 
 
 def ours_ocr(model: Path, mmproj: Path, pages: list[Path], n: int, new_tokens: int, threads: int, workdir: Path) -> dict:
@@ -173,8 +186,11 @@ def ours_ocr(model: Path, mmproj: Path, pages: list[Path], n: int, new_tokens: i
     run = Watched(CLI + ["ocr", str(model), str(mmproj), *map(str, pages), "-o", str(output), "-q", "-t", str(threads),
                          "-n", str(new_tokens), "--ignore-eos", "--parallel", str(n)])
     if run.wait() != 0:
-        raise RuntimeError(f"minicpmv ocr failed: {run.process.stderr.read().decode(errors='replace')[-2000:]}")
-    return {"seconds": time.perf_counter() - started, "peak_rss_mb": run.peak[0]}
+        raise RuntimeError(f"minicpmv ocr failed: {run.log_tail()}")
+    seconds = time.perf_counter() - started
+    # each page's own seconds (its record's), the model load excluded: one at a time, `minicpmv ask`'s latency
+    page_seconds = [json.loads(line)["seconds"] for line in output.read_text().splitlines() if line.strip()]
+    return {"seconds": seconds, "peak_rss_mb": run.peak[0], "median_page_s": statistics.median(page_seconds)}
 
 
 def served(command: list[str], port: int, pages: list[Path], warmup: Path, clients: int, new_tokens: int) -> dict:
@@ -184,22 +200,25 @@ def served(command: list[str], port: int, pages: list[Path], warmup: Path, clien
     try:
         wait_healthy(port, server)
         chat_request(port, warmup, new_tokens)
-        seconds = drive(port, pages, clients, new_tokens)
-        return {"seconds": seconds, "peak_rss_mb": server.peak[0]}
+        seconds, latencies = drive(port, pages, clients, new_tokens)
+        return {"seconds": seconds, "peak_rss_mb": server.peak[0], "median_page_s": statistics.median(latencies)}
     finally:
         server.stop()
 
 
 def mtmd_loop(model: Path, mmproj: Path, pages: list[Path], new_tokens: int, threads: int) -> dict:
-    started, peak = time.perf_counter(), 0.0
+    started, peak, page_seconds = time.perf_counter(), 0.0, []
     for page in pages:
+        page_started = time.perf_counter()
         run = Watched([str(LLAMA_BIN / "llama-mtmd-cli"), "-m", str(model), "--mmproj", str(mmproj), "--image",
                        str(page), "-p", PROMPTS["text"], "-n", str(new_tokens), "--ignore-eos", "--temp", "0",
                        "-t", str(threads), "-c", "4096", *NO_REPACK])
         if run.wait() != 0:
-            raise RuntimeError(f"llama-mtmd-cli failed: {run.process.stderr.read().decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"llama-mtmd-cli failed: {run.log_tail()}")
         peak = max(peak, run.peak[0])
-    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak}
+        page_seconds.append(time.perf_counter() - page_started)
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak,
+            "median_page_s": statistics.median(page_seconds)}
 
 
 def main() -> None:
@@ -256,21 +275,34 @@ def main() -> None:
     for row in flows.values():
         row["pages_per_min"] = round(len(pages) / row["seconds"] * 60, 3)
         row["seconds"], row["peak_rss_mb"] = round(row["seconds"], 1), round(row["peak_rss_mb"], 1)
+        row["median_page_s"] = round(row["median_page_s"], 2)
     best_llama = max((row["pages_per_min"] for name, row in flows.items() if name.startswith("llama-server")),
                      default=None)
     for row in flows.values():
         row["vs_best_llama_server"] = round(row["pages_per_min"] / best_llama, 3) if best_llama else None
+    best_ocr = max((row["pages_per_min"] for name, row in flows.items() if name.startswith("minicpmv ocr")),
+                   default=None)
+    alone = {kind: flows.get(name, {}).get("median_page_s") for kind, name in (
+        ("ocr", "minicpmv ocr --parallel 1"), ("serve", "minicpmv serve --parallel 1, 1 clients"))}
+    ratios = {"best_ocr_vs_best_llama_server": round(best_ocr / best_llama, 3) if best_ocr and best_llama else None,
+              "serve_latency_vs_ocr_page": round(alone["serve"] / alone["ocr"], 3) if all(alone.values()) else None}
     label = f"{args.family}-{args.size}-{args.preset}"
     result = {"label": label, "pages": len(pages), "page_size": "x".join(map(str, PAGE_SIZE)),
               "new_tokens": args.new_tokens, "threads": args.threads, "context_per_sequence": args.context,
-              "flows": flows}
+              "flows": flows, "ratios": ratios}
     save(f"throughput-{label}", result, lambda result: "\n".join([
         f"# Throughput: {label}, {len(pages)} dense {result['page_size']} pages, {args.new_tokens} new tokens "
         f"(EOS ignored), {args.threads} threads", "",
-        "| flow | seconds | pages/min | peak RSS MB | vs best llama-server |", "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {row['seconds']:.1f} | {row['pages_per_min']:.2f} | {row['peak_rss_mb']:.0f} | "
+        "| flow | seconds | pages/min | median s per page or request | peak RSS MB | vs best llama-server |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {row['seconds']:.1f} | {row['pages_per_min']:.2f} | {row['median_page_s']:.1f} | "
+          f"{row['peak_rss_mb']:.0f} | "
           f"{'' if row['vs_best_llama_server'] is None else format(row['vs_best_llama_server'], '.2f') + 'x'} |"
-          for name, row in result["flows"].items()), ""]))
+          for name, row in result["flows"].items()), "",
+        "Seconds per page: `minicpmv ocr`'s page records (model load excluded), each server request as its client "
+        "timed it, each llama-mtmd-cli process (load included).", "",
+        *(f"- {name.replace('_', ' ')}: {value}x" for name, value in result["ratios"].items() if value is not None),
+        ""]))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from PIL import Image
 
 from minicpmv_edge.common.platform import CLIP_IMAGE_ENCODE as _ENCODE, CLIP_N_OUTPUT_TOKENS as _N_OUTPUT_TOKENS
 
+from .compute import on_compute_thread
 from .vision import VisionError
 
 # The llama-cpp-python release whose clip.cpp the two structs below mirror (pyproject.toml pins it).
@@ -104,6 +105,6 @@ class PieceEncoder:
         n_tokens = self._n_output(self._clip, ctypes.byref(image))
         out = np.empty((n_tokens, self.n_embd), dtype=np.float32)
         vector = _vector_over(out)
-        if not self._encode(self._clip, self.n_threads, ctypes.byref(image), ctypes.byref(vector)):
+        if not on_compute_thread(self._encode, self._clip, self.n_threads, ctypes.byref(image), ctypes.byref(vector)):
             raise VisionError(f"the vision tower failed to encode a {width}x{height} image piece")
         return out

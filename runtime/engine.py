@@ -16,6 +16,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import llama_cpp
 import numpy as np
 
+from .compute import on_compute_thread
+
 
 class EngineError(RuntimeError):
     """The language model could not be loaded or the prompt does not fit the context."""
@@ -303,7 +305,7 @@ class Engine:
                                                     dtype=np.int32)
                     batch.pos = sections.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
             batch.n_tokens = n
-            if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            if on_compute_thread(llama_cpp.llama_decode, self.ctx, batch) != 0:
                 raise EngineError("llama.cpp failed to decode")
         finally:
             batch.pos = ctypes.cast(own_pos, ctypes.POINTER(llama_cpp.llama_pos))  # llama_batch_free frees its own

@@ -19,6 +19,7 @@ import numpy as np
 
 from minicpmv_edge.common.platform import shared_library
 
+from .compute import on_compute_thread
 from .vision import VisionError
 
 # enum ggml_type / ggml_prec values of the pinned ggml (ggml/include/ggml.h)
@@ -224,7 +225,7 @@ class Graph:
             if value.nbytes != lib.nbytes(tensor):
                 raise GgmlError(f"input {name}: {value.nbytes} bytes for a {lib.nbytes(tensor)}-byte tensor")
             lib.backend_tensor_set(tensor, value.ctypes.data, 0, value.nbytes)
-        if lib.backend_graph_compute(backend.handle, self.graph) != 0:
+        if on_compute_thread(lib.backend_graph_compute, backend.handle, self.graph) != 0:
             raise GgmlError("ggml failed to compute the vision graph")
         ne = list(shape(output))
         while len(ne) > 1 and ne[-1] == 1:

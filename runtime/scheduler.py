@@ -6,11 +6,12 @@ handle yields the same `GenerationResponse` records `Model.stream_generate` yiel
 sequence at the next step.
 
 Threads: the callers' threads only submit and read their handles' queues. A preparer thread lays prompts out
-and encodes their image pieces (clip.cpp through the model's vision pipeline and caches) ahead of the decoder,
-so one request's vision encoding overlaps the others' decoding. The engine thread alone owns the llama.cpp
-context: each step decodes one token of every generating sequence together with the next run of a waiting
-prompt (chunked to the batch size), as llama.cpp's server slots do, then samples every sequence whose newest
-item was decoded with its own sampler chain. A sequence whose cache cannot be rewound (a recurrent state)
+and encodes their image pieces (clip.cpp through the model's vision pipeline and caches) ahead of the decoder;
+both threads' ggml work runs on the process's compute thread (compute.py), so a request's pieces and the
+others' decode steps take turns, one piece or one step at a time, rather than fight over the cores. The engine
+thread alone owns the llama.cpp context: each step decodes one token of every generating sequence together with
+the next run of a waiting prompt (chunked to the batch size), as llama.cpp's server slots do, then samples every
+sequence whose newest item was decoded with its own sampler chain. A sequence whose cache cannot be rewound (a recurrent state)
 restarts alone; the others keep theirs."""
 
 from __future__ import annotations

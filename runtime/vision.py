@@ -10,6 +10,7 @@ import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from PIL import Image
 
+from .compute import on_compute_thread
 from .engine import init_backend
 
 
@@ -69,7 +70,7 @@ class VisionTower:
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     continue
                 n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                if on_compute_thread(mtmd.mtmd_encode_chunk, self._ctx, chunk) != 0:
                     raise VisionError("the vision tower failed to encode an image piece")
                 flat = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self._ctx), shape=(n_tokens * self.n_embd,))
                 out.append(flat.reshape(n_tokens, self.n_embd).copy())
