@@ -113,7 +113,9 @@ class Engine:
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
-        # Weight repacking costs load time and a second copy of the weights for no speed on AVX2 (measured).
+        # Weight repacking costs load time and a second copy of the weights for no speed on AVX2 (measured), and on
+        # AMX CPUs the pinned build's AMX matmul segfaults on prompt batches (ggml_backend_amx_mul_mat,
+        # llama.cpp issue 20824; reproduced with the full-size 4.6 Q4_K_M from 16-token batches on).
         params.use_extra_bufts = repack
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
