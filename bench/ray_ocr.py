@@ -30,8 +30,8 @@ def timed_job(model: object, inputs: list[str], output: Path, options: OcrOption
     for stale in (output, output.with_name(output.name + ".sqlite")):
         stale.unlink(missing_ok=True)
     started = time.perf_counter()
-    # parallel=1: one page at a time on one thread, as each Ray worker runs them (with --parallel N the local
-    # job overlaps one page's vision encoding with another's decoding on a second thread).
+    # parallel=1: one page at a time on the single-sequence engine, as each Ray worker runs them (the default
+    # --parallel batches several pages' decoding, which would compare a different job).
     summary = run_batch(model, inputs, output, options, n_threads=1, parallel=1)
     assert summary.failed == 0, f"{summary.failed} pages failed"
     return {"pages_per_min": summary.pages_per_min, "wall_seconds": round(time.perf_counter() - started, 1)}

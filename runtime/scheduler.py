@@ -11,8 +11,8 @@ both threads' ggml work runs on the process's compute thread (compute.py), so a 
 others' decode steps take turns, one piece or one step at a time, rather than fight over the cores. The engine
 thread alone owns the llama.cpp context: each step decodes one token of every generating sequence together with
 the next run of a waiting prompt (chunked to the batch size), as llama.cpp's server slots do, then samples every
-sequence whose newest item was decoded with its own sampler chain. A sequence whose cache cannot be rewound (a recurrent state)
-restarts alone; the others keep theirs."""
+sequence whose newest item was decoded with its own sampler chain. A sequence whose cache cannot be rewound
+(a recurrent state) restarts alone; the others keep theirs."""
 
 from __future__ import annotations
 
